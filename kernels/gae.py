@@ -1,0 +1,5 @@
+"""PLACEHOLDER: being written."""
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    raise NotImplementedError
