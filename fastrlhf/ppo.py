@@ -1,0 +1,459 @@
+"""PPO with a critic and a per-token KL penalty to the SFT model (InstructGPT), one step top to bottom.
+
+    rollout -> score -> evaluate (logp, ref_logp, values) -> advantages -> minibatch updates
+
+Each phase is one function below with its formula in the docstring; ``ppo_step`` chains them and ``train_ppo``
+(in ``fastrlhf.ppo_trainer``) sets up the models and loops. The numbered details refer to
+"The N Implementation Details of RLHF with PPO" (Huang et al.).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastrlhf.checkpoint import check_finite
+from fastrlhf.config import PPOConfig
+from fastrlhf.data import pad_left
+from fastrlhf.kernels import (
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_advantages,
+    shape_rewards,
+)
+from fastrlhf.models import (
+    PhaseMemory,
+    ValueHead,
+    adapters_disabled,
+    hidden_states,
+    on_device,
+    response_logprobs,
+    sequence_scores,
+    token_values,
+)
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+"""A rule-based or verifiable reward: (prompts, completions) -> one score per completion."""
+
+
+@dataclass
+class PPOModels:
+    """Everything a PPO step touches. ``reference`` is None for a LoRA policy (adapters disabled instead);
+    ``critic`` is None when ``value_head`` sits on the policy's trunk."""
+
+    policy: nn.Module
+    tokenizer: object
+    reward: nn.Module | RewardFn
+    reference: nn.Module | None = None
+    critic: nn.Module | None = None
+    value_head: ValueHead | None = None
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses. Sequences are [left-padded prompt | right-padded response]."""
+
+    prompts: list[str]
+    completions: list[str]
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    response_start: int  # P
+    response_mask: torch.Tensor  # [B, R]: response tokens up to and including EOS
+    has_eos: torch.Tensor  # [B]
+    scores: torch.Tensor | None = None  # [B]
+    logp: torch.Tensor | None = None  # [B, R] policy log-probs at sampling time (the "old" log-probs)
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+
+
+@dataclass
+class KLController:
+    """Fixed beta, or the adaptive controller of Ziegler et al. (2019) when ``target`` is set:
+
+    e = clip((KL - target) / target, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
+    with KL the mean per-sequence KL of the batch and n its number of episodes.
+    """
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        if self.target is None:
+            return
+        error = min(max((kl - self.target) / self.target, -0.2), 0.2)
+        self.value *= 1.0 + error * n_episodes / self.horizon
+
+
+@torch.no_grad()
+def rollout(
+    policy: nn.Module, tok, prompts: list[str], prompt_ids: list[list[int]], cfg: PPOConfig
+) -> Rollout:
+    """Sample one response per prompt at ``temperature`` / ``top_p`` (detail 3: prompts left-padded).
+
+    Responses are truncated after their first EOS (detail 5): later tokens become padding and leave the mask.
+    """
+    device = next(policy.parameters()).device
+    ids, mask = (t.to(device) for t in pad_left(prompt_ids, tok.pad_token_id))
+    policy.eval()
+    out = policy.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+    )
+    response = out[:, ids.shape[1] :]
+    is_eos = response == tok.eos_token_id
+    has_eos = is_eos.any(-1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(-1), response.shape[1])
+    positions = torch.arange(response.shape[1], device=device)
+    response_mask = positions[None, :] <= first_eos[:, None]
+    response = response.masked_fill(~response_mask, tok.pad_token_id)
+    completions = tok.batch_decode(response, skip_special_tokens=True)
+    return Rollout(
+        prompts=prompts,
+        completions=completions,
+        input_ids=torch.cat([ids, response], 1),
+        attention_mask=torch.cat([mask, response_mask.long()], 1),
+        response_start=ids.shape[1],
+        response_mask=response_mask,
+        has_eos=has_eos,
+    )
+
+
+@torch.no_grad()
+def score(models: PPOModels, batch: Rollout, cfg: PPOConfig) -> torch.Tensor:
+    """Sequence scores [B]: the reward model read at the last real token of the truncated response (detail 6),
+    or the reward function on the decoded texts; minus ``missing_eos_penalty`` where no EOS was produced."""
+    device = batch.input_ids.device
+    if isinstance(models.reward, nn.Module):
+        with on_device(models.reward, device, cfg.offload_frozen) as rm:
+            chunks = [
+                sequence_scores(rm, batch.input_ids[rows], batch.attention_mask[rows])
+                for rows in torch.arange(len(batch.prompts), device=device).split(cfg.micro_batch_size)
+            ]
+        scores = torch.cat(chunks)
+    else:
+        scores = torch.tensor(
+            [float(s) for s in models.reward(batch.prompts, batch.completions)], device=device
+        )
+        if scores.shape != (len(batch.prompts),):
+            raise ValueError(
+                f"reward function returned {scores.numel()} scores for {len(batch.prompts)} texts"
+            )
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~batch.has_eos).float()
+    return scores
+
+
+def policy_forward(
+    models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float, *, entropy=False
+):
+    """Log-probs [b, R] (and entropy) of the response tokens, and values [b, R] when the value head shares
+    the policy's trunk (one trunk pass for both). Log-probs divide the logits by the sampling temperature
+    (detail 4)."""
+    hidden = hidden_states(models.policy, ids, mask)
+    out = response_logprobs(
+        models.policy, ids, mask, start, temperature=temperature, return_entropy=entropy, hidden=hidden
+    )
+    values = models.value_head(hidden[:, start - 1 : -1]) if models.value_head is not None else None
+    return out, values
+
+
+def critic_values(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    return token_values(models.critic, ids, mask, start)
+
+
+@torch.no_grad()
+def evaluate(models: PPOModels, batch: Rollout, order: torch.Tensor, cfg: PPOConfig) -> None:
+    """Fill in logp (old log-probs), ref_logp, values and entropy.
+
+    The micro-batches follow ``order``, the first update epoch's shuffle, so the first minibatch of the update
+    recomputes exactly these numbers: its ratio is exactly 1 (detail 12), not 1 up to batch-shape noise.
+    """
+    n, r = batch.response_mask.shape
+    device = batch.input_ids.device
+    logp = torch.zeros(n, r, device=device)
+    ref_logp, values, entropy = torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp)
+    start, temp = batch.response_start, cfg.temperature
+    models.policy.eval()
+    reference = models.reference
+    with on_device(reference, device, cfg.offload_frozen and reference is not None):
+        for rows in order.split(cfg.micro_batch_size):
+            ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+            (logp[rows], entropy[rows]), head_values = policy_forward(
+                models, ids, mask, start, temp, entropy=True
+            )
+            if reference is None:
+                with adapters_disabled(models.policy):
+                    ref_logp[rows] = response_logprobs(models.policy, ids, mask, start, temperature=temp)
+            else:
+                ref_logp[rows] = response_logprobs(reference, ids, mask, start, temperature=temp)
+            values[rows] = head_values if head_values is not None else critic_values(models, ids, mask, start)
+    batch.logp, batch.ref_logp, batch.values, batch.entropy = logp, ref_logp, values, entropy
+
+
+@torch.no_grad()
+def compute_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
+    """Per-token rewards, GAE and whitened advantages, fused in ``fastrlhf.kernels.ppo_advantages``:
+
+    r_t = -beta * kl_t  (+ score at the last response token);   kl_t = estimator(logp_t - ref_logp_t)
+    delta_t = r_t + gamma * V_{t+1} - V_t;   A_t = delta_t + gamma * lam * A_{t+1};   R_t = A_t + V_t
+    A <- (A - mean(A)) / sqrt(var(A) + 1e-8) over the response tokens of the batch (detail 9).
+    With ``whiten_rewards`` the shaped rewards are scaled to unit variance first (mean kept), then GAE runs.
+    """
+    mask = batch.response_mask
+    if cfg.whiten_rewards:
+        rewards = shape_rewards(
+            batch.scores, batch.logp, batch.ref_logp, mask, kl_coef=kl.value, estimator=cfg.kl_estimator
+        )
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, batch.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        batch.advantages = masked_whiten(advantages, mask)
+        batch.returns, batch.rewards = returns, rewards
+        batch.kl = kl_penalty(batch.logp, batch.ref_logp, estimator=cfg.kl_estimator) * mask
+        return
+    out = ppo_advantages(
+        batch.scores,
+        batch.logp,
+        batch.ref_logp,
+        batch.values,
+        mask,
+        kl_coef=kl.value,
+        estimator=cfg.kl_estimator,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        whiten=True,
+    )
+    batch.advantages, batch.returns, batch.rewards, batch.kl = (
+        out.advantages,
+        out.returns,
+        out.rewards,
+        out.kl,
+    )
+
+
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PPOConfig,
+    n_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate and clipped value loss, summed over tokens and divided by the minibatch's token count
+    ``n_tokens`` (so micro-batches accumulate to the minibatch's token mean):
+
+    rho = exp(logp - old_logp);   L_pg = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))
+    V_clip = V_old + clip(V - V_old, -eps_v, eps_v);   L_v = 0.5 * max((V - R)^2, (V_clip - R)^2)
+    """
+    m = mask.float()
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+    v_clipped = old_values + (values - old_values).clamp(-cfg.value_clip_range, cfg.value_clip_range)
+    v_losses = torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    pg_loss = (pg * m).sum() / n_tokens
+    v_loss = 0.5 * (v_losses * m).sum() / n_tokens
+    with torch.no_grad():
+        stats = {
+            "clipfrac": (((ratio - 1).abs() > cfg.clip_range).float() * m).sum(),
+            "approx_kl": (((ratio - 1) - log_ratio) * m).sum(),
+            "ratio": (ratio * m).sum(),
+            "ratio_sq": (ratio**2 * m).sum(),
+            "ratio_max_dev": ((ratio - 1).abs() * m).max() if m.any() else ratio.new_zeros(()),
+            "value_clipfrac": (((values - returns) ** 2 < (v_clipped - returns) ** 2).float() * m).sum(),
+        }
+    return pg_loss, v_loss, stats
+
+
+@dataclass
+class Trainables:
+    """Optimizers of one PPO run (the critic's is None when the value head shares the policy's)."""
+
+    policy_optimizer: torch.optim.Optimizer
+    policy_scheduler: torch.optim.lr_scheduler.LRScheduler
+    policy_params: list[nn.Parameter]
+    critic_optimizer: torch.optim.Optimizer | None = None
+    critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    critic_params: list[nn.Parameter] = field(default_factory=list)
+    ptx_batches: object | None = None  # iterator of dicts(input_ids, attention_mask, loss_mask)
+
+
+def _optimizer_step(optimizer, scheduler, params, max_grad_norm: float) -> None:
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ptx_loss(models: PPOModels, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PPO-ptx: the mean negative log-likelihood of the scored tokens of a pretraining/SFT batch."""
+    ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    logp = response_logprobs(models.policy, ids, mask, 1)
+    target_mask = loss_mask[:, 1:].float()
+    return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
+
+
+def update(
+    models: PPOModels, batch: Rollout, order: torch.Tensor, opt: Trainables, cfg: PPOConfig, step: int
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each split into
+    micro-batches whose gradients accumulate. Epoch 0 uses ``order`` (the order ``evaluate`` used)."""
+    n = len(batch.prompts)
+    if n % cfg.num_minibatches:
+        raise ValueError(
+            f"rollout_batch_size ({n}) must be divisible by num_minibatches ({cfg.num_minibatches})"
+        )
+    device = batch.input_ids.device
+    start, temp = batch.response_start, cfg.temperature
+    sums: dict[str, torch.Tensor] = {}
+    total_tokens = 0.0
+    first_minibatch_dev = None
+    models.policy.train()
+    if models.critic is not None:
+        models.critic.train()
+    for epoch in range(cfg.ppo_epochs):
+        perm = order if epoch == 0 else torch.randperm(n, device=device)
+        for mb_index, minibatch in enumerate(perm.chunk(cfg.num_minibatches)):
+            n_tokens = max(int(batch.response_mask[minibatch].sum()), 1)
+            mb_stats: dict[str, torch.Tensor] = {}
+            for rows in minibatch.split(cfg.micro_batch_size):
+                ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+                resp_mask = batch.response_mask[rows]
+                logp, head_values = policy_forward(models, ids, mask, start, temp)
+                values = head_values if head_values is not None else critic_values(models, ids, mask, start)
+                pg_loss, v_loss, stats = ppo_loss(
+                    logp,
+                    batch.logp[rows],
+                    batch.advantages[rows],
+                    values,
+                    batch.values[rows],
+                    batch.returns[rows],
+                    resp_mask,
+                    cfg,
+                    n_tokens,
+                )
+                loss = pg_loss + cfg.vf_coef * v_loss
+                check_finite("ppo loss", loss, step)
+                loss.backward()
+                stats["pg_loss"], stats["value_loss"] = (
+                    pg_loss.detach() * n_tokens,
+                    v_loss.detach() * n_tokens,
+                )
+                for k, v in stats.items():
+                    if k == "ratio_max_dev":
+                        mb_stats[k] = torch.maximum(mb_stats.get(k, v), v)
+                    else:
+                        mb_stats[k] = mb_stats.get(k, 0) + v
+            if opt.ptx_batches is not None and cfg.ptx_coef > 0:
+                ptx = ptx_loss(models, {k: v.to(device) for k, v in next(opt.ptx_batches).items()})
+                check_finite("ptx loss", ptx, step)
+                (cfg.ptx_coef * ptx).backward()
+                mb_stats["ptx_loss"] = ptx.detach() * n_tokens
+            _optimizer_step(
+                opt.policy_optimizer, opt.policy_scheduler, opt.policy_params, cfg.policy_optim.max_grad_norm
+            )
+            if opt.critic_optimizer is not None:
+                _optimizer_step(
+                    opt.critic_optimizer,
+                    opt.critic_scheduler,
+                    opt.critic_params,
+                    cfg.critic_optim.max_grad_norm,
+                )
+            if epoch == 0 and mb_index == 0:
+                first_minibatch_dev = float(mb_stats["ratio_max_dev"])
+            mb_stats.pop("ratio_max_dev")
+            for k, v in mb_stats.items():
+                sums[k] = sums.get(k, 0) + v
+            total_tokens += n_tokens
+    out = {k: float(v) / total_tokens for k, v in sums.items()}
+    out["ratio_var"] = out.pop("ratio_sq") - out["ratio"] ** 2
+    out["ratio_first_minibatch_max_dev"] = first_minibatch_dev
+    return out
+
+
+def rollout_stats(batch: Rollout, kl: KLController) -> dict[str, float]:
+    """Per-step statistics of a scored and evaluated rollout (detail 14)."""
+    mask = batch.response_mask
+    m = mask.float()
+    seq_kl = (batch.kl * m).sum(-1)
+    returns, values = batch.returns, batch.values
+    var_returns = float(masked_var(returns, mask)) if m.sum() > 1 else float("nan")
+    residual_var = float(masked_var(returns - values, mask)) if m.sum() > 1 else float("nan")
+    return {
+        "reward": float(batch.scores.mean()),
+        "reward_std": float(batch.scores.std()) if len(batch.scores) > 1 else 0.0,
+        "non_score_reward": float(-kl.value * seq_kl.mean()),
+        "kl": float(seq_kl.mean()),
+        "kl_coef": kl.value,
+        "entropy": float(masked_mean(batch.entropy, mask)),
+        "explained_variance": 1.0 - residual_var / var_returns if var_returns > 0 else float("nan"),
+        "value_mean": float(masked_mean(values, mask)),
+        "eos_rate": float(batch.has_eos.float().mean()),
+        "response_length": float(m.sum(-1).mean()),
+    }
+
+
+def ppo_step(
+    models: PPOModels,
+    prompts: list[str],
+    prompt_ids: list[list[int]],
+    opt: Trainables,
+    kl: KLController,
+    cfg: PPOConfig,
+    step: int,
+) -> tuple[dict[str, float], Rollout]:
+    """One PPO iteration: rollout, score, evaluate, advantages, update; returns the metrics and rollout."""
+    device = next(models.policy.parameters()).device
+    memory = PhaseMemory(device)
+    timings: dict[str, float] = {}
+
+    def phase(name: str, fn, *args):
+        memory.start()
+        t0 = time.perf_counter()
+        result = fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[f"time/{name}"] = time.perf_counter() - t0
+        timings[f"memory_gib/{name}"] = memory.peak_gib()
+        return result
+
+    batch = phase("generate", rollout, models.policy, models.tokenizer, prompts, prompt_ids, cfg)
+    batch.scores = phase("score", score, models, batch, cfg)
+    order = torch.randperm(len(prompts), device=device)
+    phase("evaluate", evaluate, models, batch, order, cfg)
+    phase("advantages", compute_advantages, batch, kl, cfg)
+    stats = rollout_stats(batch, kl)
+    stats |= phase("update", update, models, batch, order, opt, cfg, step)
+    kl.update(stats["kl"], len(prompts))
+    stats |= timings
+    stats["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
+    stats["tokens_per_second"] = float(batch.attention_mask.sum()) / stats["time/step"]
+    if not math.isfinite(stats["reward"]):
+        raise FloatingPointError(f"reward is {stats['reward']} at step {step}")
+    return stats, batch

@@ -1,0 +1,192 @@
+"""Stage 2: a reward model from rankings of K responses (InstructGPT).
+
+A ranking of K responses to one prompt trains as all C(K, 2) pairs inside ONE batch element:
+
+    loss = -1 / C(K, 2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))
+
+averaged over the rankings of a batch. The loss cannot see a per-prompt offset, so after training a bias is
+set so that demonstrations score 0 on average; it is stored as ``config.reward_bias``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastrlhf.checkpoint import check_finite
+from fastrlhf.config import RMConfig
+from fastrlhf.data import (
+    Ranking,
+    SFTExample,
+    encode_prompt,
+    encode_response,
+    filter_long_prompts,
+    load_rankings,
+    load_sft,
+    pad_right,
+    ranking_batch,
+)
+from fastrlhf.metrics import MetricsLogger
+from fastrlhf.models import (
+    default_device,
+    load_scalar_model,
+    load_tokenizer,
+    make_optimizer,
+    sequence_scores,
+    trainable_parameters,
+    unwrap,
+    warmup_schedule,
+)
+from fastrlhf.training import (
+    check_batch_sizes,
+    finish_run,
+    log,
+    micro_batches,
+    save_model,
+    seed_everything,
+    shuffled_batches,
+)
+
+EncodedRanking = tuple[list[int], list[list[int]], list[int]]
+
+
+def encode_rankings(tokenizer, rankings: list[Ranking], max_len: int, source: str) -> list[EncodedRanking]:
+    """(prompt ids, [response ids + EOS], ranking) per ranking; rankings with an over-long row are dropped."""
+    encoded = []
+    for r in rankings:
+        prompt = encode_prompt(tokenizer, r.prompt)
+        encoded.append((prompt, [encode_response(tokenizer, text) for text in r.responses], list(r.ranking)))
+    longest = [p + max(rs, key=len) for p, rs, _ in encoded]
+    kept, report = filter_long_prompts(
+        longest, max_len, source, lines=[r.line for r in rankings], what="ranking"
+    )
+    if report:
+        log.warning("%s; they are skipped", report)
+    return [encoded[i] for i in kept]
+
+
+def ranking_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's loss for the rankings of ``batch`` (mean over each ranking's pairs, then over rankings)
+    and the number of correctly ordered pairs."""
+    winners, losers = scores[batch["pairs"][:, 0]], scores[batch["pairs"][:, 1]]
+    loss = -(batch["pair_weight"] * F.logsigmoid(winners - losers)).sum()
+    return loss, (winners > losers).float().sum() + 0.5 * (winners == losers).float().sum()
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, data: list[EncodedRanking], micro_batch_size: int) -> float:
+    """Share of held-out pairs the model orders like the labelers (ties count one half)."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, pairs = 0.0, 0
+    for micro in micro_batches(data, micro_batch_size):
+        batch = {k: v.to(device) for k, v in ranking_batch(micro, tokenizer.pad_token_id).items()}
+        _, n_correct = ranking_loss(
+            sequence_scores(model, batch["input_ids"], batch["attention_mask"]), batch
+        )
+        correct += float(n_correct)
+        pairs += len(batch["pairs"])
+    model.train()
+    return correct / max(pairs, 1)
+
+
+@torch.no_grad()
+def set_reward_bias(
+    model, tokenizer, demonstrations: list[tuple[list[int], list[int]]], micro_batch_size: int
+) -> float:
+    """Shift ``config.reward_bias`` so that the demonstrations' mean score becomes 0; returns the new bias."""
+    model.eval()
+    device = next(model.parameters()).device
+    config = unwrap(model).config
+    config.reward_bias = 0.0
+    scores = []
+    for micro in micro_batches(demonstrations, micro_batch_size):
+        ids, mask = pad_right([p + c for p, c in micro], tokenizer.pad_token_id)
+        scores.append(sequence_scores(model, ids.to(device), mask.to(device)))
+    config.reward_bias = -float(torch.cat(scores).mean())
+    return config.reward_bias
+
+
+def train_rm(
+    cfg: RMConfig,
+    *,
+    rankings: list[Ranking] | None = None,
+    demonstrations: list[SFTExample] | None = None,
+    logger: MetricsLogger | None = None,
+):
+    """Train the reward model; returns (model, tokenizer, output directory, held-out pairwise accuracy).
+
+    ``rankings`` / ``demonstrations`` replace the files named in ``cfg`` for in-memory callers.
+    """
+    seed_everything(cfg.seed)
+    device = default_device()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model, cfg.model_config)
+    model = load_scalar_model(cfg.model, cfg.model_config, device, tokenizer)
+    if rankings is None:
+        rankings = load_rankings(cfg.data)
+    data = encode_rankings(tokenizer, rankings, cfg.max_len, cfg.data or "rankings")
+    random.Random(cfg.seed).shuffle(data)
+    n_eval = round(len(data) * cfg.eval_fraction)
+    eval_data, train_data = data[:n_eval], data[n_eval:]
+    check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, len(train_data), "training rankings")
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, cfg.optim, cfg.model_config, device)
+    scheduler = warmup_schedule(optimizer, cfg.optim.warmup_steps)
+    own_logger = logger is None
+    logger = logger or MetricsLogger(out)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    model.train()
+    bar = tqdm(total=total, desc="reward model", disable=None)
+    for step in range(total):
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_items = shuffled_batches(train_data, cfg.batch_size, seed=cfg.seed, epoch=epoch)[index]
+        t0 = time.perf_counter()
+        loss_sum, correct, n_pairs = 0.0, 0.0, 0
+        for micro in micro_batches(batch_items, cfg.micro_batch_size):
+            batch = {k: v.to(device) for k, v in ranking_batch(micro, tokenizer.pad_token_id).items()}
+            scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            loss, n_correct = ranking_loss(scores, batch)
+            loss = loss * len(micro) / len(batch_items)  # pair weights were normalized per micro-batch
+            check_finite("reward model loss", loss, step)
+            loss.backward()
+            loss_sum += float(loss)
+            correct += float(n_correct)
+            n_pairs += len(batch["pairs"])
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_sum, "train_accuracy": correct / n_pairs, "seconds": time.perf_counter() - t0}
+        logger.log("rm", step + 1, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+    bar.close()
+    accuracy = (
+        pairwise_accuracy(model, tokenizer, eval_data, cfg.micro_batch_size) if eval_data else float("nan")
+    )
+    if demonstrations is None and cfg.demonstrations:
+        demonstrations = load_sft(cfg.demonstrations)
+    if demonstrations is not None:
+        demos = [
+            (encode_prompt(tokenizer, d.prompt), encode_response(tokenizer, d.completion))
+            for d in demonstrations
+        ]
+    else:  # the labelers' favourite response stands in for a demonstration
+        demos = [(p, rs[rank[0]]) for p, rs, rank in data]
+    bias = set_reward_bias(model, tokenizer, demos, cfg.micro_batch_size)
+    logger.log("rm", total, {"eval_accuracy": accuracy, "reward_bias": bias})
+    log.info("reward model: held-out pairwise accuracy %.3f on %d rankings", accuracy, len(eval_data))
+    model = save_model(model, tokenizer, out / "model")
+    if own_logger:
+        logger.close()
+        finish_run(out, {"stage": "rm", "steps": total, "eval_accuracy": accuracy, "reward_bias": bias})
+    return model, tokenizer, out / "model", accuracy
