@@ -157,7 +157,7 @@ def train_rm(
             loss = loss * len(micro) / len(batch_items)  # pair weights were normalized per micro-batch
             check_finite("reward model loss", loss, step)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             correct += float(n_correct)
             n_pairs += len(batch["pairs"])
         if cfg.optim.max_grad_norm > 0:

@@ -103,7 +103,7 @@ def train_sft(
             loss = sft_loss(model, tensors, n_tokens)
             check_finite("sft loss", loss, step)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         if cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         optimizer.step()
