@@ -63,6 +63,11 @@ def _options_help(cls: type, prefix: str = "") -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    # Loading a causal LM as a scalar-head model reports its new head at length; our logs say what matters.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(prog="fastrlhf", description="InstructGPT-style RLHF on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in COMMANDS.items():

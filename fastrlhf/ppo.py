@@ -120,6 +120,7 @@ def rollout(
         min_new_tokens=cfg.min_new_tokens,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        suppress_tokens=[tok.pad_token_id],  # an added pad token's embedding row is untrained
         use_cache=True,
     )
     response = out[:, ids.shape[1] :]
