@@ -38,15 +38,17 @@ class DemoConfig:
     layers: int = 2
     sft_examples: int = 4096
     sft_epochs: int = 2
-    rankings: int = 1024
+    rankings: int = 2048
     """Synthetic K-way rankings for the reward model."""
+    rm_epochs: int = 3
+    """A weak reward model gets exploited: the gold reward then stalls while the KL climbs."""
     k: int = 4
     """Responses per ranking."""
     ppo_steps: int = 60
     rollout_batch_size: int = 64
     eval_prompts: int = 256
     """Held-out prompts on which the gold reward is measured before and after PPO."""
-    kl_coef: float = 0.02
+    kl_coef: float = 0.05
 
 
 def _gold(task: DemoTask, prompts: list[str], completions: list[str]) -> float:
@@ -100,9 +102,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         rm_cfg = RMConfig(
             model=str(sft_dir),
             out=str(out / "rm"),
-            epochs=2,
-            batch_size=16,
-            micro_batch_size=16,
+            epochs=cfg.rm_epochs,
+            batch_size=32,
+            micro_batch_size=32,
             max_len=64,
             optim=OptimConfig(lr=1e-3, warmup_steps=10),
             model_config=cpu_model,

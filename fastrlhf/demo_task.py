@@ -126,7 +126,7 @@ class DemoTask:
         return random.Random(f"demo-task:{self.seed}:{seed}:{stream}")
 
     def prompts(self, n: int, *, seed: int) -> list[str]:
-        """`n` fresh prompts; different seeds draw independently from ~186k possible prompts."""
+        """`n` fresh prompts; different seeds draw independently (~186k possible prompts with 4-6 items)."""
         rng = self._rng(seed, "prompts")
         out = []
         for _ in range(n):
@@ -197,17 +197,16 @@ class DemoTask:
         out: list[str] = []
         golds: set[float] = set()
         for _ in range(k):
-            fallback = None
-            for _attempt in range(16):
+            choice = ""
+            for attempt in range(16):
                 response = self._noisy_sort(prompt, rng.choice(levels), rng)
-                if fallback is None or (fallback in out and response not in out):
-                    fallback = response
                 if self.gold_reward(prompt, response) not in golds:
+                    choice = response
                     break
-            else:
-                response = fallback
-            out.append(response)
-            golds.add(self.gold_reward(prompt, response))
+                if attempt == 0 or (choice in out and response not in out):
+                    choice = response
+            out.append(choice)
+            golds.add(self.gold_reward(prompt, choice))
         return out
 
     def rank(self, prompt: str, responses: list[str]) -> list[int]:

@@ -64,7 +64,7 @@ def test_ranking_loss_matches_hand_computation():
     first = -(ls(s[2] - s[0]) + ls(s[2] - s[1]) + ls(s[0] - s[1])) / 3
     second = -ls(s[3] - s[4])
     loss, correct = ranking_loss(torch.tensor(s, dtype=torch.float64), batch)
-    assert float(loss) == pytest.approx((first + second) / 2, rel=1e-12)
+    assert float(loss) == pytest.approx((first + second) / 2, rel=1e-7)  # pair weights are float32
     assert float(correct) == 3  # all three pairs of the K=3 ranking ordered right, the pair wrong
 
 
@@ -147,7 +147,9 @@ def test_sft_rm_ppo_end_to_end(base_model, task, tmp_path, torch_backend):
     assert (sft_dir / "model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(sft_dir)  # transformers loads it back
 
-    rankings = [Ranking(r["prompt"], r["responses"], r["ranking"]) for r in task.ranking_records(40, 3, seed=2)]
+    rankings = [
+        Ranking(r["prompt"], r["responses"], r["ranking"]) for r in task.ranking_records(40, 3, seed=2)
+    ]
     rm_cfg = RMConfig(model=str(sft_dir), out=str(tmp_path / "rm"), batch_size=8, micro_batch_size=4,
                       eval_fraction=0.2, model_config=CPU)  # fmt: skip
     rm, _, rm_dir, accuracy = train_rm(rm_cfg, rankings=rankings, demonstrations=examples)
@@ -202,7 +204,9 @@ def test_interrupted_run_resumes_to_the_same_state(base_model, task, tmp_path, m
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_nan_loss_stops_with_last_good_checkpoint_intact(base_model, task, tmp_path, monkeypatch, torch_backend):
+def test_nan_loss_stops_with_last_good_checkpoint_intact(
+    base_model, task, tmp_path, monkeypatch, torch_backend
+):
     import fastrlhf.ppo as ppo
 
     real_loss = ppo.ppo_loss
@@ -227,7 +231,9 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(base_model, task, tmp_p
 
 def test_config_from_yaml_and_overrides(tmp_path):
     path = tmp_path / "ppo.yaml"
-    path.write_text("kl_coef: 0.1\nkl_target: 6\npolicy_optim:\n  lr: 2.0e-6\nmodel_config:\n  lora_rank: 8\n")
+    path.write_text(
+        "kl_coef: 0.1\nkl_target: 6\npolicy_optim:\n  lr: 2.0e-6\nmodel_config:\n  lora_rank: 8\n"
+    )
     cfg = load_config(PPOConfig, path, {"steps": "7", "model_config.dtype": "bfloat16", "kl_target": "none"})
     assert (cfg.kl_coef, cfg.kl_target, cfg.steps) == (0.1, None, 7)
     assert (cfg.policy_optim.lr, cfg.model_config.lora_rank, cfg.model_config.dtype) == (2e-6, 8, "bfloat16")
