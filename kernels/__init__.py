@@ -9,11 +9,12 @@ if __name__ == "fastrlhf.kernels":
     from .gae import gae
     from .kl_penalty import kl_penalty
     from .linear_token_logprobs import linear_token_logprobs
-    from .shape_rewards import ppo_advantages, shape_rewards
+    from .shape_rewards import PPOAdvantages, ppo_advantages, shape_rewards
     from .token_logprobs import token_logprobs
     from .whiten import masked_mean, masked_var, masked_whiten
 
     __all__ = [
+        "PPOAdvantages",
         "gae",
         "kl_penalty",
         "linear_token_logprobs",
