@@ -44,11 +44,13 @@ class DemoConfig:
     """A weak reward model gets exploited: the gold reward then stalls while the KL climbs."""
     k: int = 4
     """Responses per ranking."""
-    ppo_steps: int = 60
+    ppo_steps: int = 40
     rollout_batch_size: int = 64
     eval_prompts: int = 256
     """Held-out prompts on which the gold reward is measured before and after PPO."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.5
+    """Strong on purpose: a reward model this small is easy to exploit, and past ~1.5 nats of KL the gold
+    reward falls while the learned reward keeps rising (with 0.05 it peaked at 0.83, then fell to 0.71)."""
 
 
 def _gold(task: DemoTask, prompts: list[str], completions: list[str]) -> float:
@@ -127,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             max_prompt_len=32,
             max_new_tokens=12,
             kl_coef=cfg.kl_coef,
-            policy_optim=OptimConfig(lr=3e-4, warmup_steps=5),
+            policy_optim=OptimConfig(lr=1e-4, warmup_steps=5),
             critic_optim=OptimConfig(lr=1e-3, warmup_steps=5),
             model_config=cpu_model,
             seed=cfg.seed,

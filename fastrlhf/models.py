@@ -66,7 +66,7 @@ def _disable_dropout(model: nn.Module) -> None:
             setattr(model.config, name, 0.0)
 
 
-def _load_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
+def _load_kwargs(cfg: ModelConfig, device: torch.device, trainable: bool) -> dict:
     dtype = resolve_dtype(cfg, device)
     kwargs: dict = {
         "dtype": dtype,
@@ -76,7 +76,7 @@ def _load_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
     if cfg.load_in_4bit:
         if device.type != "cuda":
             raise ValueError("model_config.load_in_4bit needs a CUDA device")
-        if cfg.lora_rank <= 0:
+        if trainable and cfg.lora_rank <= 0:
             raise ValueError(
                 "model_config.load_in_4bit trains LoRA adapters only: set model_config.lora_rank > 0"
             )
@@ -131,7 +131,7 @@ def load_causal_lm(
     path: str, cfg: ModelConfig, device: torch.device, tokenizer, *, trainable: bool = True
 ) -> nn.Module:
     """A causal LM from a directory or hub id: dropout off, pad token set, optional checkpointing and LoRA."""
-    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, device))
+    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, device, trainable))
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(model.config, attr, None) not in (None, 1.0):
             raise ValueError(f"{path}: models with {attr} are not supported (log-probs skip the logits)")
@@ -147,7 +147,7 @@ def load_scalar_model(
     that demonstrations score 0 on average) is kept in the config and added by :func:`sequence_scores`.
     """
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, **_load_kwargs(cfg, device)
+        path, num_labels=1, **_load_kwargs(cfg, device, trainable)
     )
     if not hasattr(model.config, "reward_bias"):
         head = model.score
@@ -316,7 +316,8 @@ def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class PhaseMemory:
-    """Peak GPU memory of one phase (bytes); zero on CPU."""
+    """Peak GPU memory of one phase in GiB (zero on CPU). ``start`` resets the device's peak counter, so a
+    caller wanting a whole run's peak takes the maximum of the phases (logged as ``memory_gib/step``)."""
 
     device: torch.device
 

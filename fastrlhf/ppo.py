@@ -454,6 +454,7 @@ def ppo_step(
     kl.update(stats["kl"], len(prompts))
     stats |= timings
     stats["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
+    stats["memory_gib/step"] = max(v for k, v in timings.items() if k.startswith("memory_gib/"))
     stats["tokens_per_second"] = float(batch.attention_mask.sum()) / stats["time/step"]
     if not math.isfinite(stats["reward"]):
         raise FloatingPointError(f"reward is {stats['reward']} at step {step}")

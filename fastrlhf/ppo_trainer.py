@@ -39,6 +39,8 @@ def build_models(cfg: PPOConfig, reward: RewardFn | None, device: torch.device) 
     (from the RM, or a value head on the policy's trunk) and reward (the RM, or ``reward``)."""
     mc = cfg.model_config
     frozen_mc = dataclasses.replace(mc, lora_rank=0, gradient_checkpointing=False)
+    if cfg.offload_frozen and mc.load_in_4bit:
+        raise ValueError("offload_frozen cannot move 4-bit models between devices; turn one of them off")
     frozen_device = torch.device("cpu") if cfg.offload_frozen else device
     tokenizer = load_tokenizer(cfg.policy, mc)
     policy = load_causal_lm(cfg.policy, mc, device, tokenizer)

@@ -42,6 +42,14 @@ def task() -> DemoTask:
     return DemoTask(seed=0)
 
 
+@pytest.fixture(scope="module")
+def reward(task):
+    """The demo task's gold reward as a PPO reward function (no reward model needed)."""
+    return lambda prompts, completions: [
+        task.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
 def _ppo_cfg(base: Path, out: Path, **kw) -> PPOConfig:
     defaults = dict(
         policy=str(base), reward_model=str(base), out=str(out), steps=2, rollout_batch_size=8, ppo_epochs=2,
@@ -60,7 +68,7 @@ def test_ranking_loss_matches_hand_computation():
     items = [([1], [[5], [6], [7]], [2, 0, 1]), ([1], [[5], [6]], [0, 1])]
     batch = ranking_batch(items, pad_id=0)
     s = [0.3, -1.2, 2.0, 0.7, 0.9]
-    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))
     first = -(ls(s[2] - s[0]) + ls(s[2] - s[1]) + ls(s[0] - s[1])) / 3
     second = -ls(s[3] - s[4])
     loss, correct = ranking_loss(torch.tensor(s, dtype=torch.float64), batch)
@@ -99,17 +107,18 @@ def test_adaptive_kl_controller_follows_its_formula():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_first_minibatch_ratio_is_exactly_one(base_model, task, tmp_path, monkeypatch, backend):
+def test_first_minibatch_ratio_is_exactly_one(base_model, task, reward, tmp_path, monkeypatch, backend):
     monkeypatch.setenv("FASTRLHF_KERNELS", backend)
     cfg = _ppo_cfg(base_model, tmp_path, steps=1)
-    reward = lambda prompts, completions: [task.gold_reward(p, c) for p, c in zip(prompts, completions)]  # noqa: E731
     train_ppo(cfg, reward=reward, prompts=task.prompts(8, seed=0))
     record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["ratio_first_minibatch_max_dev"] == 0.0
     assert math.isfinite(record["approx_kl"]) and record["approx_kl"] >= 0
 
 
-def test_micro_batches_accumulate_to_the_minibatch_gradient(base_model, task, tmp_path, torch_backend):
+def test_micro_batches_accumulate_to_the_minibatch_gradient(
+    base_model, task, reward, tmp_path, torch_backend
+):
     """The same rollout updated with micro-batches of 1 and of 4 gives the same weights (SGD, one epoch)."""
     from fastrlhf.ppo import compute_advantages, evaluate, rollout, score, update
 
@@ -118,7 +127,6 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(base_model, task, tm
         torch.manual_seed(0)
         cfg = _ppo_cfg(base_model, tmp_path, micro_batch_size=micro, ppo_epochs=1, num_minibatches=1,
                        rollout_batch_size=4, critic="policy_head")  # fmt: skip
-        reward = lambda p, c: [task.gold_reward(a, b) for a, b in zip(p, c)]  # noqa: E731
         models = build_models(cfg, reward, torch.device("cpu"))
         opt = build_trainables(models, cfg, torch.device("cpu"))
         opt.policy_optimizer = torch.optim.SGD(opt.policy_params, lr=0.1)
@@ -132,7 +140,7 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(base_model, task, tm
         compute_advantages(batch, KLController(cfg.kl_coef), cfg)
         update(models, batch, order, opt, cfg, step=0)
         results.append([p.detach().clone() for p in opt.policy_params])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -159,18 +167,18 @@ def test_sft_rm_ppo_end_to_end(base_model, task, tmp_path, torch_backend):
     cfg = _ppo_cfg(sft_dir, tmp_path / "ppo", reward_model=str(rm_dir), steps=2)
     train_ppo(cfg, prompts=task.prompts(16, seed=3))
     records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("reward", "kl", "entropy", "approx_kl", "clipfrac", "ratio", "ratio_var", "value_loss",
-                "explained_variance", "eos_rate", "response_length", "time/generate", "time/update"):  # fmt: skip
+    logged = ("reward", "kl", "entropy", "approx_kl", "clipfrac", "ratio", "ratio_var", "value_loss")
+    logged += ("explained_variance", "eos_rate", "response_length", "time/generate", "time/update")
+    for key in logged:
         assert key in records[-1], key
     assert (tmp_path / "ppo" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "ppo" / "critic" / "model.safetensors").exists()
     assert (tmp_path / "ppo" / "curves.png").exists()
 
 
-def test_lora_policy_uses_disabled_adapters_as_reference(base_model, task, tmp_path, torch_backend):
+def test_lora_policy_uses_disabled_adapters_as_reference(base_model, task, reward, tmp_path, torch_backend):
     lora = dataclasses.replace(CPU, lora_rank=4)
     cfg = _ppo_cfg(base_model, tmp_path, steps=1, critic="policy_head", model_config=lora)
-    reward = lambda p, c: [task.gold_reward(a, b) for a, b in zip(p, c)]  # noqa: E731
     models, _ = train_ppo(cfg, reward=reward, prompts=task.prompts(8, seed=0))
     assert models.reference is None
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
@@ -178,10 +186,11 @@ def test_lora_policy_uses_disabled_adapters_as_reference(base_model, task, tmp_p
     assert "lora" not in " ".join(LlamaForCausalLM.from_pretrained(tmp_path / "policy").state_dict())
 
 
-def test_interrupted_run_resumes_to_the_same_state(base_model, task, tmp_path, monkeypatch, torch_backend):
+def test_interrupted_run_resumes_to_the_same_state(
+    base_model, task, reward, tmp_path, monkeypatch, torch_backend
+):
     import fastrlhf.ppo_trainer as trainer
 
-    reward = lambda p, c: [task.gold_reward(a, b) for a, b in zip(p, c)]  # noqa: E731
     prompts = task.prompts(16, seed=5)
     full, _ = train_ppo(_ppo_cfg(base_model, tmp_path / "full", steps=4), reward=reward, prompts=prompts)
 
@@ -200,12 +209,14 @@ def test_interrupted_run_resumes_to_the_same_state(base_model, task, tmp_path, m
         train_ppo(cfg, reward=reward, prompts=prompts)
     monkeypatch.setattr(trainer, "ppo_step", real_step)
     resumed, _ = train_ppo(cfg, reward=reward, prompts=prompts)
-    for (name, a), b in zip(full.policy.state_dict().items(), resumed.policy.state_dict().values()):
+    for (name, a), b in zip(
+        full.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(
-    base_model, task, tmp_path, monkeypatch, torch_backend
+    base_model, task, reward, tmp_path, monkeypatch, torch_backend
 ):
     import fastrlhf.ppo as ppo
 
@@ -218,7 +229,6 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(
         return (pg * float("nan"), vf, stats) if calls["n"] > 2 * 8 else (pg, vf, stats)
 
     monkeypatch.setattr(ppo, "ppo_loss", nan_from_step_three)
-    reward = lambda p, c: [task.gold_reward(a, b) for a, b in zip(p, c)]  # noqa: E731
     cfg = _ppo_cfg(base_model, tmp_path, steps=4, save_every=2)
     with pytest.raises(NonFiniteLossError, match=r"nan at step 2; .*step-000002"):
         train_ppo(cfg, reward=reward, prompts=task.prompts(16, seed=5))
