@@ -251,3 +251,50 @@ def test_config_from_yaml_and_overrides(tmp_path):
         load_config(PPOConfig, None, {"kl_coeff": 1})
     with pytest.raises(ValueError, match="steps: expected int"):
         load_config(PPOConfig, None, {"steps": "many"})
+
+
+# ------------------------------------------------------------------------------- CLI, pipeline, PPO-ptx
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_pipeline_with_a_second_round_and_ptx_through_the_cli(base_model, task, tmp_path, torch_backend):
+    """sft -> rm -> ppo (with PPO-ptx) -> sample for labeling -> rm -> ppo, all from YAML + flags."""
+    from fastrlhf.cli import main
+
+    demos = _write_jsonl(tmp_path / "demos.jsonl", task.sft_records(32, seed=1))
+    ranks = _write_jsonl(tmp_path / "ranks.jsonl", task.ranking_records(20, 3, seed=2))
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(16, seed=3))
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        f"out: {tmp_path / 'run'}\n"
+        f"sft: {{model: {base_model}, data: {demos}, batch_size: 8, micro_batch_size: 4}}\n"
+        f"rm: {{data: {ranks}, batch_size: 4, micro_batch_size: 2, eval_fraction: 0.2}}\n"
+        f"ppo: {{prompts: {prompts}, steps: 1, rollout_batch_size: 8, num_minibatches: 2,\n"
+        f"      micro_batch_size: 4,\n"
+        f"      max_new_tokens: 6, ptx_coef: 0.5, ptx_data: {demos}}}\n"
+    )
+    dtype = ["--sft.model_config.dtype", "float32", "--rm.model_config.dtype", "float32"]
+    dtype += ["--ppo.model_config.dtype", "float32"]
+    assert main(["pipeline", "--config", str(config), *dtype]) == 0
+    outputs = json.loads((tmp_path / "run" / "outputs.json").read_text())
+    assert set(outputs) == {"sft", "rm-1", "ppo-1"}
+    record = json.loads((tmp_path / "run" / "ppo-1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["ptx_loss"]) and record["ptx_loss"] > 0
+
+    to_rank = tmp_path / "to_rank.jsonl"
+    assert main(["sample", "--model", outputs["ppo-1"], "--prompts", str(prompts), "--out", str(to_rank),
+                 "--k", "3", "--max_new_tokens", "6"]) == 0  # fmt: skip
+    labeled = []
+    for line in to_rank.read_text().splitlines():
+        record = json.loads(line)
+        assert len(record["responses"]) == 3
+        labeled.append(record | {"ranking": task.rank(record["prompt"], record["responses"])})
+    round2 = _write_jsonl(tmp_path / "round2.jsonl", labeled)
+    args = ["pipeline", "--config", str(config), *dtype, "--skip_sft", "true", "--sft.model", outputs["sft"]]
+    assert main([*args, "--more-rankings", str(round2)]) == 0
+    outputs = json.loads((tmp_path / "run" / "outputs.json").read_text())
+    assert {"rm-2", "ppo-2"} <= set(outputs)
