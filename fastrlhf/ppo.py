@@ -272,7 +272,9 @@ def ppo_loss(
     V_clip = V_old + clip(V - V_old, -eps_v, eps_v);   L_v = 0.5 * max((V - R)^2, (V_clip - R)^2)
     """
     m = mask.float()
-    log_ratio = logp - old_logp
+    # Padding after EOS is never trained, so its log-ratio may drift anywhere; pin it to 0 so exp() cannot
+    # overflow into inf * 0 = NaN.
+    log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0)
     ratio = torch.exp(log_ratio)
     pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
     v_clipped = old_values + (values - old_values).clamp(-cfg.value_clip_range, cfg.value_clip_range)
@@ -285,7 +287,7 @@ def ppo_loss(
             "approx_kl": (((ratio - 1) - log_ratio) * m).sum(),
             "ratio": (ratio * m).sum(),
             "ratio_sq": (ratio**2 * m).sum(),
-            "ratio_max_dev": ((ratio - 1).abs() * m).max() if m.any() else ratio.new_zeros(()),
+            "ratio_max_dev": (ratio - 1).abs().max(),
             "value_clipfrac": (((values - returns) ** 2 < (v_clipped - returns) ** 2).float() * m).sum(),
         }
     return pg_loss, v_loss, stats
