@@ -107,6 +107,8 @@ class RMConfig:
     """Longest prompt + response in tokens; longer rankings are reported and skipped."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
     model_config: ModelConfig = field(default_factory=ModelConfig)
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
     seed: int = 0
 
 

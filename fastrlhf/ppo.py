@@ -39,6 +39,7 @@ from fastrlhf.models import (
     sequence_scores,
     token_values,
 )
+from fastrlhf.training import optimizer_step
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """A rule-based or verifiable reward: (prompts, completions) -> one score per completion."""
@@ -306,14 +307,6 @@ class Trainables:
     ptx_batches: object | None = None  # iterator of dicts(input_ids, attention_mask, loss_mask)
 
 
-def _optimizer_step(optimizer, scheduler, params, max_grad_norm: float) -> None:
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def ptx_loss(models: PPOModels, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """PPO-ptx: the mean negative log-likelihood of the scored tokens of a pretraining/SFT batch."""
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -378,11 +371,11 @@ def update(
                 check_finite("ptx loss", ptx, step)
                 (cfg.ptx_coef * ptx).backward()
                 mb_stats["ptx_loss"] = ptx.detach() * n_tokens
-            _optimizer_step(
+            optimizer_step(
                 opt.policy_optimizer, opt.policy_scheduler, opt.policy_params, cfg.policy_optim.max_grad_norm
             )
             if opt.critic_optimizer is not None:
-                _optimizer_step(
+                optimizer_step(
                     opt.critic_optimizer,
                     opt.critic_scheduler,
                     opt.critic_params,

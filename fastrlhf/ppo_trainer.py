@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastrlhf.checkpoint import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrlhf.checkpoint import load_checkpoint, save_checkpoint
 from fastrlhf.config import PPOConfig
 from fastrlhf.data import Prompt, encode_prompt, filter_long_prompts, load_prompts, load_sft, sft_batch
 from fastrlhf.metrics import MetricsLogger
@@ -27,7 +27,15 @@ from fastrlhf.models import (
 )
 from fastrlhf.ppo import KLController, PPOModels, RewardFn, Trainables, ppo_step, rollout
 from fastrlhf.sft import encode_sft
-from fastrlhf.training import finish_run, log, micro_batches, save_model, seed_everything, shuffled_batches
+from fastrlhf.training import (
+    finish_run,
+    log,
+    micro_batches,
+    naming_last_checkpoint,
+    save_model,
+    seed_everything,
+    shuffled_batches,
+)
 
 ExtraMetrics = Callable[[list[str], list[str]], dict[str, float]]
 """Called with each rollout's prompts and completions; its numbers are logged with the step (e.g. a gold
@@ -166,11 +174,8 @@ def train_ppo(
         epoch, index = divmod(step, per_epoch)
         batch = shuffled_batches(data, cfg.rollout_batch_size, seed=cfg.seed, epoch=epoch)[index]
         texts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False) for p, _ in batch]
-        try:
+        with naming_last_checkpoint(ckpt_dir):
             stats, rollout = ppo_step(models, texts, [ids for _, ids in batch], opt, kl, cfg, step)
-        except NonFiniteLossError as e:
-            last = latest_checkpoint(ckpt_dir)
-            raise NonFiniteLossError(f"{e}; last good checkpoint: {last or 'none saved yet'}") from e
         if extra_metrics is not None:
             stats |= extra_metrics(rollout.prompts, rollout.completions)
         logger.log("ppo", step + 1, stats)

@@ -11,14 +11,11 @@ set so that demonstrations score 0 on average; it is stored as ``config.reward_b
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from fastrlhf.checkpoint import check_finite
 from fastrlhf.config import RMConfig
 from fastrlhf.data import (
     Ranking,
@@ -36,21 +33,10 @@ from fastrlhf.models import (
     default_device,
     load_scalar_model,
     load_tokenizer,
-    make_optimizer,
     sequence_scores,
-    trainable_parameters,
     unwrap,
-    warmup_schedule,
 )
-from fastrlhf.training import (
-    check_batch_sizes,
-    finish_run,
-    log,
-    micro_batches,
-    save_model,
-    seed_everything,
-    shuffled_batches,
-)
+from fastrlhf.training import finish_run, log, micro_batches, save_model, seed_everything, supervised_loop
 
 EncodedRanking = tuple[list[int], list[list[int]], list[int]]
 
@@ -124,52 +110,33 @@ def train_rm(
     ``rankings`` / ``demonstrations`` replace the files named in ``cfg`` for in-memory callers.
     """
     seed_everything(cfg.seed)
-    device = default_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model, cfg.model_config)
-    model = load_scalar_model(cfg.model, cfg.model_config, device, tokenizer)
+    model = load_scalar_model(cfg.model, cfg.model_config, default_device(), tokenizer)
     if rankings is None:
         rankings = load_rankings(cfg.data)
     data = encode_rankings(tokenizer, rankings, cfg.max_len, cfg.data or "rankings")
     random.Random(cfg.seed).shuffle(data)
     n_eval = round(len(data) * cfg.eval_fraction)
     eval_data, train_data = data[:n_eval], data[n_eval:]
-    check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, len(train_data), "training rankings")
-    params = trainable_parameters(model)
-    optimizer = make_optimizer(params, cfg.optim, cfg.model_config, device)
-    scheduler = warmup_schedule(optimizer, cfg.optim.warmup_steps)
+
+    def micro_loss(micro, batch_items):
+        batch = {k: v.to(model.device) for k, v in ranking_batch(micro, tokenizer.pad_token_id).items()}
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+        loss, n_correct = ranking_loss(scores, batch)
+        n_pairs = sum(len(responses) * (len(responses) - 1) // 2 for _, responses, _ in batch_items)
+        # ranking_batch normalizes its pair weights over the micro-batch; rescale to the whole batch.
+        loss = loss * len(micro) / len(batch_items)
+        return loss, {"loss": float(loss.detach()), "train_accuracy": float(n_correct) / n_pairs}
+
     own_logger = logger is None
     logger = logger or MetricsLogger(out)
-    steps_per_epoch = len(train_data) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    model.train()
-    bar = tqdm(total=total, desc="reward model", disable=None)
-    for step in range(total):
-        epoch, index = divmod(step, steps_per_epoch)
-        batch_items = shuffled_batches(train_data, cfg.batch_size, seed=cfg.seed, epoch=epoch)[index]
-        t0 = time.perf_counter()
-        loss_sum, correct, n_pairs = 0.0, 0.0, 0
-        for micro in micro_batches(batch_items, cfg.micro_batch_size):
-            batch = {k: v.to(device) for k, v in ranking_batch(micro, tokenizer.pad_token_id).items()}
-            scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-            loss, n_correct = ranking_loss(scores, batch)
-            loss = loss * len(micro) / len(batch_items)  # pair weights were normalized per micro-batch
-            check_finite("reward model loss", loss, step)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            correct += float(n_correct)
-            n_pairs += len(batch["pairs"])
-        if cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": loss_sum, "train_accuracy": correct / n_pairs, "seconds": time.perf_counter() - t0}
-        logger.log("rm", step + 1, metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
-    bar.close()
+    steps = supervised_loop(
+        "rm", model, train_data, micro_loss, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+        epochs=cfg.epochs, optim=cfg.optim, model_config=cfg.model_config, out=out, logger=logger,
+        save_every=cfg.save_every, seed=cfg.seed,
+    )  # fmt: skip
     accuracy = (
         pairwise_accuracy(model, tokenizer, eval_data, cfg.micro_batch_size) if eval_data else float("nan")
     )
@@ -183,10 +150,10 @@ def train_rm(
     else:  # the labelers' favourite response stands in for a demonstration
         demos = [(p, rs[rank[0]]) for p, rs, rank in data]
     bias = set_reward_bias(model, tokenizer, demos, cfg.micro_batch_size)
-    logger.log("rm", total, {"eval_accuracy": accuracy, "reward_bias": bias})
+    logger.log("rm", steps, {"eval_accuracy": accuracy, "reward_bias": bias})
     log.info("reward model: held-out pairwise accuracy %.3f on %d rankings", accuracy, len(eval_data))
     model = save_model(model, tokenizer, out / "model")
     if own_logger:
         logger.close()
-        finish_run(out, {"stage": "rm", "steps": total, "eval_accuracy": accuracy, "reward_bias": bias})
+        finish_run(out, {"stage": "rm", "steps": steps, "eval_accuracy": accuracy, "reward_bias": bias})
     return model, tokenizer, out / "model", accuracy

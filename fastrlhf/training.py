@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from fastrlhf.metrics import plot_metrics
+from fastrlhf.checkpoint import (
+    NonFiniteLossError,
+    check_finite,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastrlhf.config import ModelConfig, OptimConfig
+from fastrlhf.metrics import MetricsLogger, plot_metrics
+from fastrlhf.models import make_optimizer, trainable_parameters, warmup_schedule
 
 log = logging.getLogger("fastrlhf")
 T = TypeVar("T")
@@ -50,6 +62,97 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, n_items: int, what
         )
     if n_items < batch_size:
         raise ValueError(f"{n_items} {what} are fewer than one batch of batch_size={batch_size}")
+
+
+def optimizer_step(optimizer, scheduler, params: list[nn.Parameter], max_grad_norm: float) -> None:
+    """Clip the global gradient norm (when max_grad_norm > 0), step, advance the schedule, clear gradients."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def naming_last_checkpoint(ckpt_dir: Path) -> Iterator[None]:
+    """Add the last good checkpoint to a NaN/inf error, so the message says where to resume from."""
+    try:
+        yield
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(
+            f"{e}; last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none yet'}"
+        ) from e
+
+
+MicroLoss = Callable[[Sequence[T], Sequence[T]], tuple[torch.Tensor, dict[str, float]]]
+"""(micro-batch, the whole batch) -> (the micro-batch's share of the batch loss, metrics summed over the
+micro-batches of the batch)."""
+
+
+def supervised_loop(
+    phase: str,
+    model: nn.Module,
+    data: Sequence[T],
+    micro_loss: MicroLoss,
+    *,
+    batch_size: int,
+    micro_batch_size: int,
+    epochs: int,
+    optim: OptimConfig,
+    model_config: ModelConfig,
+    out: Path,
+    logger: MetricsLogger,
+    save_every: int = 0,
+    seed: int = 0,
+) -> int:
+    """The SFT and reward-model training loop: deterministic shuffled batches, gradient accumulation over
+    micro-batches, warmup, clipping, a NaN check before every backward, and resumable checkpoints in
+    ``out/checkpoints`` (a run started again resumes where it stopped). Returns the number of steps."""
+    check_batch_sizes(batch_size, micro_batch_size, len(data), f"{phase} examples")
+    device = next(model.parameters()).device
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, optim, model_config, device)
+    scheduler = warmup_schedule(optimizer, optim.warmup_steps)
+    ckpt_dir = out / "checkpoints"
+    parts = {"modules": {"model": model}, "optimizers": {"optimizer": optimizer}}
+    state = load_checkpoint(ckpt_dir, **parts)
+    step = 0
+    if state is not None:
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed %s from step %d", phase, step)
+    steps_per_epoch = len(data) // batch_size
+    total = steps_per_epoch * epochs
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=phase, disable=None)
+    epoch_batches: tuple[int, list] = (-1, [])
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch_batches[0] != epoch:
+            epoch_batches = (epoch, shuffled_batches(data, batch_size, seed=seed, epoch=epoch))
+        batch = epoch_batches[1][index]
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for micro in micro_batches(batch, micro_batch_size):
+            loss, micro_metrics = micro_loss(micro, batch)
+            with naming_last_checkpoint(ckpt_dir):
+                check_finite(f"{phase} loss", loss, step)
+            loss.backward()
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        optimizer_step(optimizer, scheduler, params, optim.max_grad_norm)
+        step += 1
+        logger.log(
+            phase, step, metrics | {"lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if save_every and step % save_every == 0 and step < total:
+            save_checkpoint(
+                ckpt_dir, step, **parts, state={"step": step, "scheduler": scheduler.state_dict()}
+            )
+    bar.close()
+    return step
 
 
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> nn.Module:

@@ -144,6 +144,53 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_one_ppo_update_matches_a_step_by_step_reference(base_model, task, reward, tmp_path, torch_backend):
+    """One minibatch, one epoch, SGD: the update equals a plain recomputation through full logits."""
+    import copy
+
+    from fastrlhf.ppo import compute_advantages, evaluate, rollout, score, update
+
+    cfg = _ppo_cfg(base_model, tmp_path, ppo_epochs=1, num_minibatches=1, micro_batch_size=2,
+                   rollout_batch_size=4, critic="policy_head", temperature=0.8, vf_coef=0.3)  # fmt: skip
+    cfg.policy_optim.max_grad_norm = 0.0
+    models = build_models(cfg, reward, torch.device("cpu"))
+    opt = build_trainables(models, cfg, torch.device("cpu"))
+    lr = 0.05
+    opt.policy_optimizer = torch.optim.SGD(opt.policy_params, lr=lr)
+    opt.policy_scheduler = torch.optim.lr_scheduler.LambdaLR(opt.policy_optimizer, lambda _: 1.0)
+    prompts = task.prompts(4, seed=7)
+    batch = rollout(
+        models.policy, models.tokenizer, prompts, [models.tokenizer(p)["input_ids"] for p in prompts], cfg
+    )
+    batch.scores = score(models, batch, cfg)
+    order = torch.arange(4)
+    evaluate(models, batch, order, cfg)
+    compute_advantages(batch, KLController(cfg.kl_coef), cfg)
+    policy, head = copy.deepcopy(models.policy).double(), copy.deepcopy(models.value_head).double()
+    update(models, batch, order, opt, cfg, step=0)
+
+    # The reference: full logits, log_softmax, the PPO formulas written out, one SGD step.
+    ids, attn, start = batch.input_ids, batch.attention_mask, batch.response_start
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = policy(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    logits = out.logits[:, start - 1 : -1] / cfg.temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+    values = head(out.hidden_states[-1][:, start - 1 : -1])
+    m = batch.response_mask.double()
+    adv, ret, old_v = batch.advantages.double(), batch.returns.double(), batch.values.double()
+    ratio = torch.exp((logp - batch.logp.double()) * m)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    v_clip = old_v + (values - old_v).clamp(-0.2, 0.2)
+    vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
+    loss = ((pg + 0.3 * vf) * m).sum() / m.sum()
+    loss.backward()
+    expected = [p - lr * p.grad for p in [*policy.parameters(), *head.parameters()] if p.grad is not None]
+    actual = opt.policy_params
+    assert len(expected) == len(actual)
+    for want, got in zip(expected, actual, strict=True):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- stages end to end
 
 
@@ -212,6 +259,35 @@ def test_interrupted_run_resumes_to_the_same_state(
     for (name, a), b in zip(
         full.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True
     ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_interrupted_sft_resumes_to_the_same_state(base_model, task, tmp_path, monkeypatch, torch_backend):
+    import fastrlhf.training as training
+
+    examples = [SFTExample(r["prompt"], r["completion"]) for r in task.sft_records(32, seed=1)]
+
+    def run(out: Path):
+        optim = OptimConfig(lr=1e-3, warmup_steps=3)
+        cfg = SFTConfig(model=str(base_model), out=str(out), batch_size=8, micro_batch_size=4, epochs=2,
+                        optim=optim, model_config=CPU, save_every=3)  # fmt: skip
+        return train_sft(cfg, examples=examples)[0]
+
+    full = run(tmp_path / "full")
+    real_step, calls = training.optimizer_step, {"n": 0}
+
+    def crash_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "optimizer_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+    resumed = run(tmp_path / "resumed")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
