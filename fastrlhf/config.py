@@ -21,7 +21,10 @@ class ModelConfig:
     """How models are loaded and what makes them memory-lean."""
 
     dtype: str = "auto"
-    """Weight dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16"."""
+    """Weight dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+    Full fine-tuning in bfloat16 updates the bf16 weights in place (no fp32 master copy, to fit one GPU):
+    an update smaller than about 1/256 of a weight rounds away. LoRA adapters are kept in float32 by peft;
+    for full fine-tuning at very small learning rates, prefer float32 where memory allows."""
     attn_implementation: str = "auto"
     """"auto": flash-attn's "flash_attention_2" on CUDA when flash-attn is installed, otherwise "sdpa"
     (PyTorch picks its flash backend where it applies). Any transformers value is passed through."""
