@@ -1,4 +1,4 @@
-"""Plumbing tests of the end-to-end PPO benchmark (benchmarks/e2e_ppo.py) and the fit table (fit_table.py).
+"""Plumbing tests of the end-to-end PPO benchmark (e2e_ppo.py) and the fit table (fit_table.py), both in e2e/.
 
 A tiny CPU run of fastrlhf (and of TRL 1.12's PPOTrainer when it is importable) for 2 PPO steps each, checked
 field by field; TRL's phase bookkeeping on synthetic events; the "TRL not installed" path; and
@@ -7,32 +7,16 @@ field by field; TRL's phase bookkeeping on synthetic events; the "TRL not instal
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e import compare, fit
+from e2e.environment import trl_available
+from e2e.trl_timing import trl_phases
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str) -> types.ModuleType:
-    key = f"fastrlhf_bench_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _load("e2e_ppo")
-TRL_OK, _ = E2E.trl_available()
+TRL_OK, _ = trl_available()
 TINY = ["--scale", "tiny", "--steps", "2", "--repeats", "1", "--batch", "4", "--micro-batch", "2"]
 TINY += ["--num-minibatches", "2", "--ppo-epochs", "1", "--prompt-len", "8", "--response-len", "4"]
 
@@ -57,9 +41,9 @@ def _check_system(rep: dict[str, Any], response_len: int) -> None:
 
 def test_e2e_tiny_cpu(tmp_path: Path) -> None:
     systems = "fastrlhf,trl" if TRL_OK else "fastrlhf"
-    report = E2E.main([*TINY, "--systems", systems, "--out", str(tmp_path)])
+    report = compare.main([*TINY, "--systems", systems, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / report["files"]["json"]).read_text())
-    assert saved["schema"] == E2E.SCHEMA
+    assert saved["schema"] == compare.SCHEMA
     assert saved["device"]["type"] == "cpu"
     for pkg in ("torch", "transformers", "trl", "fastrlhf"):
         assert pkg in saved["versions"]
@@ -85,8 +69,8 @@ def test_e2e_tiny_cpu(tmp_path: Path) -> None:
 
 
 def test_e2e_without_trl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(E2E, "trl_available", lambda: (False, "trl is not installed (test)"))
-    report = E2E.main([*TINY, "--systems", "trl", "--out", str(tmp_path)])
+    monkeypatch.setattr(compare, "trl_available", lambda: (False, "trl is not installed (test)"))
+    report = compare.main([*TINY, "--systems", "trl", "--out", str(tmp_path)])
     assert report["systems"]["trl"] == {"status": "skipped", "reason": "trl is not installed (test)"}
     assert "ratios" not in report
     assert "skipped: trl is not installed (test)" in (tmp_path / report["files"]["markdown"]).read_text()
@@ -109,7 +93,7 @@ def test_trl_phases_from_events() -> None:
         ("log", 4.0),
         ("step_end", 4.1),
     ]
-    steps = E2E.trl_phases(events, [("gc", 1.6, 0.1), ("gc", 2.9, 0.05), ("empty_cache", 3.7, 0.01)])
+    steps = trl_phases(events, [("gc", 1.6, 0.1), ("gc", 2.9, 0.05), ("empty_cache", 3.7, 0.01)])
     assert len(steps) == 2
     first, second = steps
     assert first["wall_s"] == pytest.approx(2.8)
@@ -124,7 +108,6 @@ def test_trl_phases_from_events() -> None:
 
 
 def test_fit_table_dry_run(tmp_path: Path) -> None:
-    fit = _load("fit_table")
     report = fit.main(["--dry-run", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / report["files"]["json"]).read_text())
     assert saved["schema"] == fit.SCHEMA and saved["dry_run"] is True
