@@ -9,39 +9,26 @@ once) is a fast correctness check. Timing::
     pytest benchmarks/test_bench_kernels.py --benchmark-enable --benchmark-only
     pytest benchmarks/test_bench_kernels.py --benchmark-enable --benchmark-only --benchmark-group-by=func
 
-The last tests run ``gpu_kernels.py`` itself on the CPU: its ``--dry-run`` (in process, tiny sizes) and its
-worker-process path with an injected CUDA-context fault, so CI catches a broken GPU script.
+The last tests run the GPU script (``gpu_kernels.py``, code in ``kernelbench/``) on the CPU: its ``--dry-run``
+(in process, tiny sizes), its worker-process path and its restart after a CUDA-context fault, so CI catches a
+broken GPU script.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str, filename: str) -> types.ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / filename)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _load("fastrlhf_bench_common", "common.py")
+from kernelbench import cli, ops, targets
+from kernelbench.cases import ALL_OPS, full_cases
+from kernelbench.inputs import linear_inputs, rl_inputs, token_logprobs_inputs, upcast
+from kernelbench.providers import Forward, Providers
+from kernelbench.report import build_report, render_markdown
 
 # CPU-sized shapes
 N, V = 512, 8000  # token_logprobs
@@ -57,17 +44,10 @@ def _torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _op(op: str, provider: str) -> Callable[..., Any]:
-    fns = C.resolve_op(op)
+    fns = ops.resolve_op(op)
     fn = fns.fn if provider == "fastrlhf" else fns.reference
     assert fn is not None, fns.fn_error if provider == "fastrlhf" else fns.reference_error
     return fn
-
-
-def _upcast(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v
-        for k, v in inp.items()
-    }
 
 
 def _as_list(out: Any) -> list[torch.Tensor]:
@@ -78,7 +58,7 @@ def _assert_close(got: Any, want: Any, tol: float, what: str) -> None:
     got_l, want_l = _as_list(got), _as_list(want)
     assert len(got_l) == len(want_l), f"{what}: {len(got_l)} outputs, reference has {len(want_l)}"
     for i, (g, w) in enumerate(zip(got_l, want_l, strict=True)):
-        err = C.error_stats(g, w)
+        err = ops.error_stats(g, w)
         assert err["rel_l2_err"] <= tol, f"{what}[{i}]: {err} (tolerance {tol})"
 
 
@@ -97,7 +77,7 @@ def _grads(out: Any, wrt: tuple[torch.Tensor, ...], grad: torch.Tensor) -> tuple
 )
 def test_token_logprobs(benchmark: Any, provider: str, mode: str, dtype: torch.dtype, entropy: bool) -> None:
     fn = _op("token_logprobs", provider)
-    inp = C.token_logprobs_inputs(N, V, dtype, "cpu", requires_grad=mode == "fwd+bwd")
+    inp = token_logprobs_inputs(N, V, dtype, "cpu", requires_grad=mode == "fwd+bwd")
     logits, ids, grad = inp["logits"], inp["ids"], inp["grad"]
 
     def run() -> Any:
@@ -106,7 +86,7 @@ def test_token_logprobs(benchmark: Any, provider: str, mode: str, dtype: torch.d
 
     result = benchmark(run)
     ref = _op("token_logprobs", "reference")
-    ref_inp = _upcast(inp)
+    ref_inp = upcast(inp)
     ref_out = ref(ref_inp["logits"], ids, return_entropy=entropy)
     out = result if mode == "fwd" else result[0]
     _assert_close(out, ref_out, 1e-5, "logp/entropy")
@@ -122,7 +102,7 @@ def test_token_logprobs(benchmark: Any, provider: str, mode: str, dtype: torch.d
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_linear_token_logprobs(benchmark: Any, provider: str, mode: str) -> None:
     fn = _op("linear_token_logprobs", provider)
-    inp = C.linear_inputs(LN, LH, LV, torch.float32, "cpu", requires_grad=mode == "fwd+bwd")
+    inp = linear_inputs(LN, LH, LV, torch.float32, "cpu", requires_grad=mode == "fwd+bwd")
     hidden, weight, ids, grad = inp["hidden"], inp["weight"], inp["ids"], inp["grad"]
 
     def run() -> Any:
@@ -130,7 +110,7 @@ def test_linear_token_logprobs(benchmark: Any, provider: str, mode: str) -> None
         return out if mode == "fwd" else (out, _grads(out, (hidden, weight), grad))
 
     result = benchmark(run)
-    ref_inp = _upcast(inp)
+    ref_inp = upcast(inp)
     ref_out = _op("linear_token_logprobs", "reference")(ref_inp["hidden"], ref_inp["weight"], ids)
     _assert_close(result if mode == "fwd" else result[0], ref_out, 1e-5, "logp")
     if mode == "fwd+bwd":
@@ -142,25 +122,9 @@ def test_linear_token_logprobs(benchmark: Any, provider: str, mode: str) -> None
 
 
 def _rl_call(op: str, fn: Callable[..., Any], x: dict[str, torch.Tensor], estimator: str) -> Any:
-    if op == "gae":
-        return fn(x["rewards"], x["values"], x["mask"], gamma=C.GAMMA, lam=C.LAM)
-    if op == "kl_penalty":
-        return fn(x["logp"], x["ref_logp"], estimator=estimator)
-    if op == "masked_whiten":
-        return fn(x["x"], x["mask"])
-    if op == "shape_rewards":
-        return fn(x["scores"], x["logp"], x["ref_logp"], x["mask"], kl_coef=C.KL_COEF, estimator=estimator)
-    return tuple(
-        fn(
-            x["scores"],
-            x["logp"],
-            x["ref_logp"],
-            x["values"],
-            x["mask"],
-            kl_coef=C.KL_COEF,
-            estimator=estimator,
-        )
-    )
+    args, kwargs = ops.rl_arguments(op, x, estimator)
+    out = fn(*args, **kwargs)
+    return tuple(out) if op == "ppo_advantages" else out
 
 
 RL_CASES = [
@@ -179,18 +143,13 @@ RL_CASES = [
 def test_rl_ops(benchmark: Any, provider: str, op: str, estimator: str) -> None:
     """For gae, ``reference`` is the Python-loop GAE (the peers' way)."""
     fn = _op(op, provider)
-    x = C.rl_inputs(B, T, "cpu")
+    x = rl_inputs(B, T, "cpu")
     result = benchmark(lambda: _rl_call(op, fn, x, estimator))
-    want = _rl_call(op, _op(op, "reference"), _upcast(x), estimator)
+    want = _rl_call(op, _op(op, "reference"), upcast(x), estimator)
     _assert_close(result, want, 1e-5, op)
 
 
 # ------------------------------------------------------------------------------ the GPU script on CPU
-
-
-@pytest.fixture(scope="module")
-def gpu_script() -> types.ModuleType:
-    return _load("fastrlhf_bench_gpu_kernels", "gpu_kernels.py")
 
 
 def _report(out: Path) -> dict[str, Any]:
@@ -200,19 +159,19 @@ def _report(out: Path) -> dict[str, Any]:
     return json.loads(paths[0].read_text())
 
 
-def test_gpu_script_dry_run(gpu_script: types.ModuleType, tmp_path: Path) -> None:
+def test_gpu_script_dry_run(tmp_path: Path) -> None:
     """Every case at tiny sizes, in process: fastrlhf, the reference and the bare GEMMs run and agree.
 
     (Peers and torch.compile are left out to keep this fast; ``--dry-run`` alone runs them too.)
     """
-    rc = gpu_script.main(
+    rc = cli.main(
         ["--dry-run", "--no-compile", "--providers", "fastrlhf,eager,bare_gemm", "--out", str(tmp_path)]
     )
     assert rc == 0
     report = _report(tmp_path)
     rows = report["results"]
-    assert {r["op"] for r in rows} == set(gpu_script.ALL_OPS)
-    n_cases = sum(len(v) for v in gpu_script.full_cases().values())
+    assert {r["op"] for r in rows} == set(ALL_OPS)
+    n_cases = sum(len(v) for v in full_cases().values())
     assert len({r["case"] for r in rows}) == n_cases
     bad = [
         (r["case"], r["provider"], r.get("error"))
@@ -221,13 +180,13 @@ def test_gpu_script_dry_run(gpu_script: types.ModuleType, tmp_path: Path) -> Non
     ]
     assert not bad
     assert all(c["status"] == "ok" for c in report["correctness"] if c["provider"] == "fastrlhf")
-    assert set(report["targets"]) == set(gpu_script.TARGETS_DOC)
+    assert set(report["targets"]) == set(targets.TARGETS_DOC)
 
 
-def test_gpu_script_worker_process(gpu_script: types.ModuleType, tmp_path: Path) -> None:
+def test_gpu_script_worker_process(tmp_path: Path) -> None:
     """The GPU code path on CPU (--smoke): a worker process, warm-up, time limits, repeated timing."""
     args = ["--smoke", "--skip-peaks", "--ops", "shape_rewards", "--providers", "fastrlhf,eager"]
-    assert gpu_script.main([*args, "--out", str(tmp_path)]) == 0
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
     report = _report(tmp_path)
     rows = report["results"]
     assert {r["provider"] for r in rows} == {"fastrlhf", "eager"}
@@ -237,12 +196,26 @@ def test_gpu_script_worker_process(gpu_script: types.ModuleType, tmp_path: Path)
     assert any(r["type"] == "worker_env" and r["pid"] != os.getpid() for r in report["records"])
 
 
-def test_gpu_script_worker_restart(
-    gpu_script: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gpu_script_worker_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A provider that kills the 'CUDA context' is recorded, the group restarts without it, and the rest of
     the op is still measured (in process here; on a GPU each attempt is a new worker process)."""
-    monkeypatch.setenv("FASTRLHF_BENCH_INJECT_FAULT", "masked_whiten:fastrlhf")
+    runner = Providers.runner
+
+    def faulty_runner(
+        self: Providers, provider: str, case: Any, inp: Any
+    ) -> tuple[Callable[[], Any], Forward]:
+        run, f = runner(self, provider, case, inp)
+        if (case.op, provider) != ("masked_whiten", "fastrlhf"):
+            return run, f
+
+        def fault() -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test)")
+
+        return fault, f
+
+    # the timed call of masked_whiten's fastrlhf provider fails as a dead CUDA context would
+    monkeypatch.setattr(Providers, "runner", faulty_runner)
+    monkeypatch.setattr("kernelbench.worker.context_alive", lambda cuda: False)
     args = [
         "--smoke",
         "--in-process",
@@ -252,7 +225,7 @@ def test_gpu_script_worker_restart(
         "--providers",
         "fastrlhf,eager",
     ]
-    rc = gpu_script.main([*args, "--out", str(tmp_path)])
+    rc = cli.main([*args, "--out", str(tmp_path)])
     report = _report(tmp_path)
     assert rc == 1  # a fastrlhf failure fails a CPU run
     assert [g["attempts"] for g in report["groups"]] == [2]
@@ -261,7 +234,7 @@ def test_gpu_script_worker_restart(
     assert {"worker_env", "op_info", "check", "row", "fatal"} <= {r["type"] for r in report["records"]}
 
 
-def test_targets_and_markdown(gpu_script: types.ModuleType) -> None:
+def test_targets_and_markdown() -> None:
     """Pass/fail arithmetic of the targets on synthetic rows."""
 
     def row(
@@ -304,7 +277,7 @@ def test_targets_and_markdown(gpu_script: types.ModuleType) -> None:
         row(gae, "gae", "fwd", {"B": 512, "T": 2048}, "fastrlhf", 0.1),
         row(gae, "gae", "fwd", {"B": 512, "T": 2048}, "eager", 30.0),
     ]
-    report = gpu_script.build_report(records, {"env": {"device_name": "test"}})
+    report = build_report(records, {"env": {"device_name": "test"}})
     t = report["targets"]
     assert t["token_logprobs_copy_bw"]["pass"] is True  # 90% >= 85%
     assert t["token_logprobs_vs_trl"]["pass"] is False  # 1.2x < 1.3x
@@ -313,5 +286,5 @@ def test_targets_and_markdown(gpu_script: types.ModuleType) -> None:
     assert t["gae_vs_python_loop"]["pass"] is True  # 300x
     fast = next(r for r in report["results"] if r["provider"] == "fastrlhf" and r["op"] == "gae")
     assert fast["speedup_vs_eager"] == pytest.approx(300.0)
-    md = gpu_script.render_markdown(report)
+    md = render_markdown(report)
     assert "| PASS |" in md and "| FAIL |" in md
