@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+from fastrlhf.checkpoint import NonFiniteLossError
 from fastrlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
 
 COMMANDS = {
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(rest)
 
     if args.command == "demo":
-        from fastrlhf.demo import DemoConfig, run_demo
+        from fastrlhf.demo import DemoConfig
 
         cls: type = DemoConfig
     elif args.command == "pipeline":
@@ -103,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    try:
+        return _run(args, cfg)
+    except (ValueError, OSError, NonFiniteLossError) as e:  # bad input or a diverged run: say what, not where
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "sft":
         from fastrlhf.sft import train_sft
 
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {sample_for_labeling(args.model, args.prompts, args.out, k=args.k, ppo=cfg)}")
     else:
+        from fastrlhf.demo import run_demo
+
         summary = run_demo(cfg)
         print(json.dumps(summary, indent=2))
         print(

@@ -321,10 +321,6 @@ def update(
     """``ppo_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each split into
     micro-batches whose gradients accumulate. Epoch 0 uses ``order`` (the order ``evaluate`` used)."""
     n = len(batch.prompts)
-    if n % cfg.num_minibatches:
-        raise ValueError(
-            f"rollout_batch_size ({n}) must be divisible by num_minibatches ({cfg.num_minibatches})"
-        )
     device = batch.input_ids.device
     start, temp = batch.response_start, cfg.temperature
     sums: dict[str, torch.Tensor] = {}

@@ -140,10 +140,10 @@ def train_ppo(
     device = default_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if prompts is None:  # bad data fails before the models are loaded
+        prompts = load_prompts(cfg.prompts)
     models = build_models(cfg, reward, device)
     tok = models.tokenizer
-    if prompts is None:
-        prompts = load_prompts(cfg.prompts)
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     kept, report = filter_long_prompts(prompt_ids, cfg.max_prompt_len, cfg.prompts or "prompts")
     if report:

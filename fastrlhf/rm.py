@@ -112,10 +112,12 @@ def train_rm(
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rankings is None:  # bad data fails before a large model is loaded
+        rankings = load_rankings(cfg.data)
+    if demonstrations is None and cfg.demonstrations:
+        demonstrations = load_sft(cfg.demonstrations)
     tokenizer = load_tokenizer(cfg.model, cfg.model_config)
     model = load_scalar_model(cfg.model, cfg.model_config, default_device(), tokenizer)
-    if rankings is None:
-        rankings = load_rankings(cfg.data)
     data = encode_rankings(tokenizer, rankings, cfg.max_len, cfg.data or "rankings")
     random.Random(cfg.seed).shuffle(data)
     n_eval = round(len(data) * cfg.eval_fraction)
@@ -140,8 +142,6 @@ def train_rm(
     accuracy = (
         pairwise_accuracy(model, tokenizer, eval_data, cfg.micro_batch_size) if eval_data else float("nan")
     )
-    if demonstrations is None and cfg.demonstrations:
-        demonstrations = load_sft(cfg.demonstrations)
     if demonstrations is not None:
         demos = [
             (encode_prompt(tokenizer, d.prompt), encode_response(tokenizer, d.completion))

@@ -49,11 +49,11 @@ def train_sft(
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.model, cfg.model_config)
-    model = load_causal_lm(cfg.model, cfg.model_config, default_device(), tokenizer)
-    if examples is None:
+    if examples is None:  # bad data fails before a large model is loaded
         examples = load_sft(cfg.data)
+    tokenizer = load_tokenizer(cfg.model, cfg.model_config)
     data = encode_sft(tokenizer, examples, cfg.max_len, cfg.data or "demonstrations")
+    model = load_causal_lm(cfg.model, cfg.model_config, default_device(), tokenizer)
 
     def micro_loss(micro, batch):
         tensors = {k: v.to(model.device) for k, v in sft_batch(micro, tokenizer.pad_token_id).items()}
