@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from fastrlhf.kernels._backend import triton_interpreting
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
@@ -28,3 +30,27 @@ def torch_backend(monkeypatch):
 def triton_backend(monkeypatch):
     """Force the Triton path (through the interpreter on CPU)."""
     monkeypatch.setenv("FASTRLHF_KERNELS", "triton")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Each kernel test once per backend; Triton runs on CPU tensors only through the interpreter."""
+    if request.param == "triton" and not triton_interpreting():
+        pytest.skip("Triton on CPU tensors runs through the interpreter (TRITON_INTERPRET=1)")
+    request.getfixturevalue(f"{request.param}_backend")
+    return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: checks the compiled kernels; runs on a GPU with TRITON_INTERPRET=0"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and not triton_interpreting():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA and TRITON_INTERPRET=0")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

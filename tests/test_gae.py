@@ -9,23 +9,9 @@ import pytest
 import torch
 
 from fastrlhf.kernels import gae
-from fastrlhf.kernels._backend import triton_interpreting
 from fastrlhf.kernels.gae import gae_reference
 
 gae_module = importlib.import_module("fastrlhf.kernels.gae")  # the package attribute `gae` is the function
-
-# The CUDA tests check the compiled kernels: run them with TRITON_INTERPRET=0 on a GPU machine.
-cuda_only = pytest.mark.skipif(
-    not torch.cuda.is_available() or triton_interpreting(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs through the interpreter (TRITON_INTERPRET=1)")
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
 
 
 @pytest.fixture
@@ -253,7 +239,7 @@ def test_validation():
         gae_reference(r, v, m, lam=2.0)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("B,T", [(70_000, 3), (5, 3001), (33, 257)])
 def test_cuda_matches_loop(B, T):
     # Rows on grid axis 0: B beyond 65,535 must still launch. Under TRITON_INTERPRET=0 this is the compiled

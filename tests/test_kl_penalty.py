@@ -6,23 +6,10 @@ import pytest
 import torch
 
 from fastrlhf.kernels import kl_penalty
-from fastrlhf.kernels._backend import triton_interpreting
 from fastrlhf.kernels.kl_penalty import kl_penalty_reference
 
-# The CUDA tests check the compiled kernels: run them with TRITON_INTERPRET=0 on a GPU machine.
-cuda_only = pytest.mark.skipif(
-    not torch.cuda.is_available() or triton_interpreting(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
 ESTIMATORS = ["k1", "k2", "k3"]
 HALF_RTOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs through the interpreter (TRITON_INTERPRET=1)")
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
 
 
 def kl64(logp, ref_logp, estimator):
@@ -176,7 +163,7 @@ def test_validation():
         kl_penalty_reference(logp, ref_logp, estimator="kl")
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda(estimator, dtype):

@@ -8,22 +8,9 @@ import pytest
 import torch
 
 from fastrlhf.kernels import ppo_advantages, shape_rewards
-from fastrlhf.kernels._backend import triton_interpreting
 from fastrlhf.kernels.shape_rewards import PPOAdvantages, ppo_advantages_reference, shape_rewards_reference
 
 gae_module = importlib.import_module("fastrlhf.kernels.gae")
-# The CUDA tests check the compiled kernels: run them with TRITON_INTERPRET=0 on a GPU machine.
-cuda_only = pytest.mark.skipif(
-    not torch.cuda.is_available() or triton_interpreting(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs through the interpreter (TRITON_INTERPRET=1)")
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
 
 
 @pytest.fixture
@@ -254,7 +241,7 @@ def test_validation():
         shape_rewards_reference(scores[:1], logp, ref_logp, mask, **kw)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_cuda(estimator):
     scores, logp, ref_logp, values, mask = inputs(70, 1500)

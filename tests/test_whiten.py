@@ -8,22 +8,9 @@ import pytest
 import torch
 
 from fastrlhf.kernels import masked_mean, masked_var, masked_whiten
-from fastrlhf.kernels._backend import triton_interpreting
 from fastrlhf.kernels.whiten import masked_mean_reference, masked_var_reference, masked_whiten_reference
 
 whiten_module = importlib.import_module("fastrlhf.kernels.whiten")
-# The CUDA tests check the compiled kernels: run them with TRITON_INTERPRET=0 on a GPU machine.
-cuda_only = pytest.mark.skipif(
-    not torch.cuda.is_available() or triton_interpreting(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs through the interpreter (TRITON_INTERPRET=1)")
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
 
 
 @pytest.fixture
@@ -209,7 +196,7 @@ def test_validation():
         masked_whiten(x, mask.to("meta"))
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_cuda(shift_mean):
     x = torch.randn(64, 4001) * 0.5 + 3e3
