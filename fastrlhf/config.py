@@ -82,6 +82,9 @@ class SFTConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package and a login). TensorBoard is used whenever
+    the `tensorboard` package is installed; metrics.jsonl and curves.png are always written."""
     seed: int = 0
 
 
@@ -112,6 +115,9 @@ class RMConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package and a login). TensorBoard is used whenever
+    the `tensorboard` package is installed; metrics.jsonl and curves.png are always written."""
     seed: int = 0
 
 
@@ -187,6 +193,9 @@ class PPOConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     save_every: int = 0
     """Write a resumable checkpoint every N PPO steps (0: only at the end)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package and a login). TensorBoard is used whenever
+    the `tensorboard` package is installed; metrics.jsonl and curves.png are always written."""
     seed: int = 0
 
 

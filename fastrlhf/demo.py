@@ -48,6 +48,8 @@ class DemoConfig:
     rollout_batch_size: int = 64
     eval_prompts: int = 256
     """Held-out prompts on which the gold reward is measured before and after PPO."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package and a login)."""
     kl_coef: float = 0.5
     """Strong on purpose: a reward model this small is easy to exploit, and past ~1.5 nats of KL the gold
     reward falls while the learned reward keeps rising (with 0.05 it peaked at 0.83, then fell to 0.71)."""
@@ -81,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # A 100k-parameter model gains nothing from bf16, and its small updates would round away in bf16 weights.
     tiny_model = ModelConfig(dtype="float32", gradient_checkpointing=False)
 
-    with MetricsLogger(out) as logger:
+    with MetricsLogger(out, run_name="demo", wandb=cfg.wandb) as logger:
         sft_examples = [
             SFTExample(r["prompt"], r["completion"]) for r in task.sft_records(cfg.sft_examples, seed=1)
         ]

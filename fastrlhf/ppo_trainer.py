@@ -166,7 +166,7 @@ def train_ppo(
             opt.critic_scheduler.load_state_dict(state["schedulers"]["critic"])
         log.info("resumed PPO from step %d", start)
     own_logger = logger is None
-    logger = logger or MetricsLogger(out)
+    logger = logger or MetricsLogger(out, run_name="ppo", wandb=cfg.wandb)
     per_epoch = len(data) // cfg.rollout_batch_size
     stats: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", disable=None)

@@ -133,7 +133,7 @@ def train_rm(
         return loss, {"loss": float(loss.detach()), "train_accuracy": float(n_correct) / n_pairs}
 
     own_logger = logger is None
-    logger = logger or MetricsLogger(out)
+    logger = logger or MetricsLogger(out, run_name="rm", wandb=cfg.wandb)
     steps = supervised_loop(
         "rm", model, train_data, micro_loss, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         epochs=cfg.epochs, optim=cfg.optim, model_config=cfg.model_config, out=out, logger=logger,

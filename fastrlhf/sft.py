@@ -61,7 +61,7 @@ def train_sft(
         return loss, {"loss": float(loss.detach())}
 
     own_logger = logger is None
-    logger = logger or MetricsLogger(out)
+    logger = logger or MetricsLogger(out, run_name="sft", wandb=cfg.wandb)
     steps = supervised_loop(
         "sft", model, data, micro_loss, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         epochs=cfg.epochs, optim=cfg.optim, model_config=cfg.model_config, out=out, logger=logger,
