@@ -306,6 +306,15 @@ class Trainables:
     critic_params: list[nn.Parameter] = field(default_factory=list)
     ptx_batches: object | None = None  # iterator of dicts(input_ids, attention_mask, loss_mask)
 
+    def step(self, cfg: PPOConfig, step: int) -> None:
+        """One optimizer step of the policy (with its value head) and of the separate critic, if any."""
+        policy_clip, critic_clip = cfg.policy_optim.max_grad_norm, cfg.critic_optim.max_grad_norm
+        optimizer_step(self.policy_optimizer, self.policy_scheduler, self.policy_params, policy_clip, step)
+        if self.critic_optimizer is not None:
+            optimizer_step(
+                self.critic_optimizer, self.critic_scheduler, self.critic_params, critic_clip, step
+            )
+
 
 def ptx_loss(models: PPOModels, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """PPO-ptx: the mean negative log-likelihood of the scored tokens of a pretraining/SFT batch."""
@@ -319,13 +328,16 @@ def update(
     models: PPOModels, batch: Rollout, order: torch.Tensor, opt: Trainables, cfg: PPOConfig, step: int
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each split into
-    micro-batches whose gradients accumulate. Epoch 0 uses ``order`` (the order ``evaluate`` used)."""
+    micro-batches whose gradients accumulate. Epoch 0 uses ``order`` (the order ``evaluate`` used).
+
+    A NaN or inf loss or gradient stops the run before any optimizer step can write it into the weights.
+    """
     n = len(batch.prompts)
     device = batch.input_ids.device
     start, temp = batch.response_start, cfg.temperature
     sums: dict[str, torch.Tensor] = {}
-    total_tokens = 0.0
-    first_minibatch_dev = None
+    total_tokens = 0
+    first_minibatch_dev = 0.0
     models.policy.train()
     if models.critic is not None:
         models.critic.train()
@@ -333,55 +345,29 @@ def update(
         perm = order if epoch == 0 else torch.randperm(n, device=device)
         for mb_index, minibatch in enumerate(perm.chunk(cfg.num_minibatches)):
             n_tokens = max(int(batch.response_mask[minibatch].sum()), 1)
-            mb_stats: dict[str, torch.Tensor] = {}
+            max_dev = torch.zeros((), device=device)
             for rows in minibatch.split(cfg.micro_batch_size):
                 ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
-                resp_mask = batch.response_mask[rows]
                 logp, head_values = policy_forward(models, ids, mask, start, temp)
                 values = head_values if head_values is not None else critic_values(models, ids, mask, start)
                 pg_loss, v_loss, stats = ppo_loss(
-                    logp,
-                    batch.logp[rows],
-                    batch.advantages[rows],
-                    values,
-                    batch.values[rows],
-                    batch.returns[rows],
-                    resp_mask,
-                    cfg,
-                    n_tokens,
-                )
-                loss = pg_loss + cfg.vf_coef * v_loss
-                check_finite("ppo loss", loss, step)
-                loss.backward()
-                stats["pg_loss"], stats["value_loss"] = (
-                    pg_loss.detach() * n_tokens,
-                    v_loss.detach() * n_tokens,
-                )
+                    logp, batch.logp[rows], batch.advantages[rows], values, batch.values[rows],
+                    batch.returns[rows], batch.response_mask[rows], cfg, n_tokens,
+                )  # fmt: skip
+                (pg_loss + cfg.vf_coef * v_loss).backward()
+                max_dev = torch.maximum(max_dev, stats.pop("ratio_max_dev"))
+                stats["pg_loss"] = pg_loss.detach() * n_tokens
+                stats["value_loss"] = v_loss.detach() * n_tokens
                 for k, v in stats.items():
-                    if k == "ratio_max_dev":
-                        mb_stats[k] = torch.maximum(mb_stats.get(k, v), v)
-                    else:
-                        mb_stats[k] = mb_stats.get(k, 0) + v
+                    sums[k] = sums.get(k, 0) + v
             if opt.ptx_batches is not None and cfg.ptx_coef > 0:
                 ptx = ptx_loss(models, {k: v.to(device) for k, v in next(opt.ptx_batches).items()})
-                check_finite("ptx loss", ptx, step)
                 (cfg.ptx_coef * ptx).backward()
-                mb_stats["ptx_loss"] = ptx.detach() * n_tokens
-            optimizer_step(
-                opt.policy_optimizer, opt.policy_scheduler, opt.policy_params, cfg.policy_optim.max_grad_norm
-            )
-            if opt.critic_optimizer is not None:
-                optimizer_step(
-                    opt.critic_optimizer,
-                    opt.critic_scheduler,
-                    opt.critic_params,
-                    cfg.critic_optim.max_grad_norm,
-                )
+                sums["ptx_loss"] = sums.get("ptx_loss", 0) + ptx.detach() * n_tokens
+            check_finite("ppo loss", sums["pg_loss"] + sums["value_loss"] + sums.get("ptx_loss", 0), step)
+            opt.step(cfg, step)
             if epoch == 0 and mb_index == 0:
-                first_minibatch_dev = float(mb_stats["ratio_max_dev"])
-            mb_stats.pop("ratio_max_dev")
-            for k, v in mb_stats.items():
-                sums[k] = sums.get(k, 0) + v
+                first_minibatch_dev = float(max_dev)
             total_tokens += n_tokens
     out = {k: float(v) / total_tokens for k, v in sums.items()}
     out["ratio_var"] = out.pop("ratio_sq") - out["ratio"] ** 2

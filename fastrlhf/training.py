@@ -64,10 +64,13 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, n_items: int, what
         raise ValueError(f"{n_items} {what} are fewer than one batch of batch_size={batch_size}")
 
 
-def optimizer_step(optimizer, scheduler, params: list[nn.Parameter], max_grad_norm: float) -> None:
-    """Clip the global gradient norm (when max_grad_norm > 0), step, advance the schedule, clear gradients."""
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+def optimizer_step(optimizer, scheduler, params: list[nn.Parameter], max_grad_norm: float, step: int) -> None:
+    """Clip the global gradient norm (when max_grad_norm > 0), step, advance the schedule, clear gradients.
+
+    A NaN or inf gradient raises :class:`NonFiniteLossError` before the step, so the weights stay finite.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    check_finite("gradient norm", norm, step)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -136,11 +139,12 @@ def supervised_loop(
         for micro in micro_batches(batch, micro_batch_size):
             loss, micro_metrics = micro_loss(micro, batch)
             with naming_last_checkpoint(ckpt_dir):
-                check_finite(f"{phase} loss", loss, step)
+                check_finite(f"{phase} loss", loss, step)  # micro_loss has synchronized already
             loss.backward()
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        optimizer_step(optimizer, scheduler, params, optim.max_grad_norm)
+        with naming_last_checkpoint(ckpt_dir):
+            optimizer_step(optimizer, scheduler, params, optim.max_grad_norm, step)
         step += 1
         logger.log(
             phase, step, metrics | {"lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
