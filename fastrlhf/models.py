@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from transformers import (
 from fastrlhf.config import ModelConfig, OptimConfig
 from fastrlhf.data import ensure_pad_token
 from fastrlhf.kernels import linear_token_logprobs
+
+log = logging.getLogger("fastrlhf")
 
 
 def default_device() -> torch.device:
@@ -104,6 +107,12 @@ def _prepare(
     if not trainable:
         model.requires_grad_(False)
         return model.eval()
+    if cfg.lora_rank == 0 and model.dtype in (torch.bfloat16, torch.float16):
+        log.warning(
+            "full fine-tuning with %s weights: updates smaller than ~1/256 of a weight round away (no fp32 "
+            "master copy); LoRA or model_config.dtype=float32 avoid this",
+            model.dtype,
+        )
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = device.type == "cuda"
