@@ -22,9 +22,8 @@ class ModelConfig:
 
     dtype: str = "auto"
     """Weight dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
-    Full fine-tuning in bfloat16 updates the bf16 weights in place (no fp32 master copy, to fit one GPU):
-    an update smaller than about 1/256 of a weight rounds away. LoRA adapters are kept in float32 by peft;
-    for full fine-tuning at very small learning rates, prefer float32 where memory allows."""
+    Full fine-tuning in bfloat16 keeps no fp32 master copy (to fit one GPU); the 8-bit optimizers round the
+    updated weights stochastically, so small updates survive in expectation. LoRA adapters stay float32."""
     attn_implementation: str = "auto"
     """"auto": flash-attn's "flash_attention_2" on CUDA when flash-attn is installed, otherwise "sdpa"
     (PyTorch picks its flash backend where it applies). Any transformers value is passed through."""
@@ -39,7 +38,7 @@ class ModelConfig:
     """QLoRA-style NF4 base weights (bitsandbytes, CUDA only). Needs lora_rank > 0."""
     optimizer: str = "auto"
     """"auto" (paged 8-bit AdamW from bitsandbytes on CUDA, torch AdamW on CPU), "adamw", "adamw8bit",
-    "paged_adamw8bit"."""
+    "paged_adamw8bit". The 8-bit ones write bf16 weights with stochastic rounding."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run. Off unless you ask for it."""
 

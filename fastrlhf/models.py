@@ -107,12 +107,6 @@ def _prepare(
     if not trainable:
         model.requires_grad_(False)
         return model.eval()
-    if cfg.lora_rank == 0 and model.dtype in (torch.bfloat16, torch.float16):
-        log.warning(
-            "full fine-tuning with %s weights: updates smaller than ~1/256 of a weight round away (no fp32 "
-            "master copy); LoRA or model_config.dtype=float32 avoid this",
-            model.dtype,
-        )
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = device.type == "cuda"
@@ -285,20 +279,29 @@ def on_device(model: nn.Module, device: torch.device, enabled: bool) -> Iterator
 
 
 def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelConfig, device: torch.device):
-    """AdamW: 8-bit and paged from bitsandbytes on CUDA by default, torch's otherwise."""
+    """AdamW: bitsandbytes' paged 8-bit on CUDA by default, torch's otherwise.
+
+    The 8-bit optimizers write bf16 weights back with stochastic rounding (``fastrlhf.optim``): with no fp32
+    master copy, round-to-nearest would drop every update smaller than ~1/256 of a weight.
+    """
     kind = cfg.optimizer
     if kind == "auto":
         has_bnb = importlib.util.find_spec("bitsandbytes") is not None
         kind = "paged_adamw8bit" if device.type == "cuda" and has_bnb else "adamw"
     kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay, "eps": optim.adam_eps}
     if kind == "adamw":
+        low_precision = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
+        if low_precision:
+            log.warning(
+                "torch AdamW on %s weights rounds updates smaller than ~1/256 of a weight away; the 8-bit "
+                "optimizers (bitsandbytes) round stochastically, or use LoRA or float32 weights",
+                ", ".join(sorted(str(d) for d in low_precision)),
+            )
         return torch.optim.AdamW(params, **kwargs, foreach=device.type == "cuda")
     if kind in ("adamw8bit", "paged_adamw8bit"):
-        if device.type != "cuda":
-            raise ValueError(f"model_config.optimizer={kind!r} needs a CUDA device (bitsandbytes)")
-        import bitsandbytes as bnb
+        from fastrlhf.optim import AdamW8bitSR, PagedAdamW8bitSR
 
-        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        cls = PagedAdamW8bitSR if kind == "paged_adamw8bit" else AdamW8bitSR
         return cls(params, **kwargs)
     raise ValueError(
         f"model_config.optimizer must be auto, adamw, adamw8bit or paged_adamw8bit, got {kind!r}"
