@@ -137,13 +137,14 @@ def _run(args: argparse.Namespace, cfg) -> int:
         from fastrlhf.demo import run_demo
 
         summary = run_demo(cfg)
-        print(json.dumps(summary, indent=2))
-        print(
-            f"\nreward model held-out accuracy: {summary['rm_accuracy']:.3f}\n"
-            f"gold reward: SFT {summary['reward_sft']:.3f} -> PPO {summary['reward_ppo']:.3f}\n"
-            f"final KL to the SFT model: {summary['kl']:.3f} nats per response\n"
-            f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, curves.png)"
-        )
+        lines = [f"gold reward of the SFT policy: {summary['reward_sft']:.3f}"]
+        for i, r in enumerate(summary["rounds"], start=1):
+            lines.append(
+                f"round {i}: reward model held-out accuracy {r['rm_accuracy']:.3f}, "
+                f"gold reward after PPO {r['reward_ppo']:.3f}, KL to the SFT model {r['kl']:.3f} nats"
+            )
+        lines.append(f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, curves.png)")
+        print("\n".join(lines))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,9 @@ class DemoConfig:
     """Held-out prompts on which the gold reward is measured before and after PPO."""
     wandb: bool = False
     """Also log to Weights & Biases (needs the `wandb` package and a login)."""
+    rounds: int = 2
+    """RM + PPO rounds. Each further round ranks K samples of the current policy with the synthetic labeler
+    (the gold reward), continues the reward model on them and PPO from the last policy (stage 4)."""
     kl_coef: float = 0.5
     """Strong on purpose: a reward model this small is easy to exploit, and past ~1.5 nats of KL the gold
     reward falls while the learned reward keeps rising (with 0.05 it peaked at 0.83, then fell to 0.71)."""
@@ -66,6 +69,20 @@ def _sequence_kl(models, prompts: list[str], cfg: PPOConfig) -> float:
     batch = rollout(models.policy, models.tokenizer, prompts, ids, cfg)
     evaluate(models, batch, torch.arange(len(prompts), device=batch.input_ids.device), cfg)
     return float(((batch.logp - batch.ref_logp) * batch.response_mask).sum(-1).mean())
+
+
+def _policy_rankings(
+    task: DemoTask, policy, tokenizer, prompts: list[str], k: int, cfg: PPOConfig
+) -> list[Ranking]:
+    """Fresh comparisons: K samples of the current policy per prompt, ranked by the synthetic labeler.
+    Prompts whose K samples all score the same teach nothing and are left out."""
+    samples = [sample_completions(policy, tokenizer, prompts, cfg) for _ in range(k)]
+    rankings = []
+    for i, prompt in enumerate(prompts):
+        responses = [s[i] for s in samples]
+        if len({task.gold_reward(prompt, r) for r in responses}) > 1:
+            rankings.append(Ranking(prompt, responses, task.rank(prompt, responses)))
+    return rankings
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -143,17 +160,37 @@ def run_demo(cfg: DemoConfig) -> dict:
             task, eval_prompts, sample_completions(sft_model, tokenizer, eval_prompts, ppo_cfg)
         )
         del sft_model
-        models, _ = train_ppo(ppo_cfg, prompts=train_prompts, extra_metrics=gold, logger=logger)
+        models, ppo_dir = train_ppo(ppo_cfg, prompts=train_prompts, extra_metrics=gold, logger=logger)
         reward_ppo = _gold(
             task, eval_prompts, sample_completions(models.policy, tokenizer, eval_prompts, ppo_cfg)
         )
         kl = _sequence_kl(models, eval_prompts, ppo_cfg)
+    rounds = [{"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl}]
+
+    for r in range(2, cfg.rounds + 1):  # each round logs into its own stage directories
+        rankings = _policy_rankings(
+            task, models.policy, tokenizer, task.prompts(cfg.rankings, seed=10 + r), cfg.k, ppo_cfg
+        )
+        rm_cfg = replace(rm_cfg, model=str(rm_dir), out=str(out / f"rm-{r}"))
+        _, _, rm_dir, rm_accuracy = train_rm(rm_cfg, rankings=rankings, demonstrations=sft_examples)
+        ppo_cfg = replace(
+            ppo_cfg, policy=str(ppo_dir / "policy"), reference=str(sft_dir), reward_model=str(rm_dir),
+            out=str(out / f"ppo-{r}"),
+        )  # fmt: skip
+        train_prompts = task.prompts(cfg.ppo_steps * cfg.rollout_batch_size, seed=20 + r)
+        models, ppo_dir = train_ppo(ppo_cfg, prompts=train_prompts, extra_metrics=gold)
+        reward_ppo = _gold(
+            task, eval_prompts, sample_completions(models.policy, tokenizer, eval_prompts, ppo_cfg)
+        )
+        kl = _sequence_kl(models, eval_prompts, ppo_cfg)
+        rounds.append({"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl})
 
     summary = {
         "rm_accuracy": rm_accuracy,
         "reward_sft": reward_sft,
         "reward_ppo": reward_ppo,
         "kl": kl,
+        "rounds": rounds,
         "seconds": time.perf_counter() - t0,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
