@@ -86,7 +86,9 @@ def _policy_rankings(
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run SFT -> RM -> PPO on the sorting task; returns and writes ``summary.json``."""
+    """Run SFT, then ``rounds`` of RM -> PPO on the sorting task; returns and writes ``summary.json``."""
+    if cfg.rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {cfg.rounds}")
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
@@ -117,13 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         )
         sft_model, tokenizer, sft_dir = train_sft(sft_cfg, examples=sft_examples, logger=logger)
 
-        rankings = [
-            Ranking(r["prompt"], r["responses"], r["ranking"])
-            for r in task.ranking_records(cfg.rankings, cfg.k, seed=2)
-        ]
-        rm_cfg = RMConfig(
-            model=str(sft_dir),
-            out=str(out / "rm"),
+        rm_base = RMConfig(
             epochs=cfg.rm_epochs,
             batch_size=32,
             micro_batch_size=32,
@@ -132,15 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             model_config=tiny_model,
             seed=cfg.seed,
         )
-        _, _, rm_dir, rm_accuracy = train_rm(
-            rm_cfg, rankings=rankings, demonstrations=sft_examples, logger=logger
-        )
-
-        eval_prompts = task.prompts(cfg.eval_prompts, seed=4)
-        ppo_cfg = PPOConfig(
-            policy=str(sft_dir),
-            reward_model=str(rm_dir),
-            out=str(out / "ppo"),
+        ppo_base = PPOConfig(
             steps=cfg.ppo_steps,
             rollout_batch_size=cfg.rollout_batch_size,
             ppo_epochs=4,
@@ -154,42 +142,48 @@ def run_demo(cfg: DemoConfig) -> dict:
             model_config=tiny_model,
             seed=cfg.seed,
         )
-        train_prompts = task.prompts(cfg.ppo_steps * cfg.rollout_batch_size, seed=3)
-        gold = lambda prompts, completions: {"gold_reward": _gold(task, prompts, completions)}
+        eval_prompts = task.prompts(cfg.eval_prompts, seed=4)
         reward_sft = _gold(
-            task, eval_prompts, sample_completions(sft_model, tokenizer, eval_prompts, ppo_cfg)
+            task, eval_prompts, sample_completions(sft_model, tokenizer, eval_prompts, ppo_base)
         )
         del sft_model
-        models, ppo_dir = train_ppo(ppo_cfg, prompts=train_prompts, extra_metrics=gold, logger=logger)
-        reward_ppo = _gold(
-            task, eval_prompts, sample_completions(models.policy, tokenizer, eval_prompts, ppo_cfg)
-        )
-        kl = _sequence_kl(models, eval_prompts, ppo_cfg)
-    rounds = [{"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl}]
-
-    for r in range(2, cfg.rounds + 1):  # each round logs into its own stage directories
-        rankings = _policy_rankings(
-            task, models.policy, tokenizer, task.prompts(cfg.rankings, seed=10 + r), cfg.k, ppo_cfg
-        )
-        rm_cfg = replace(rm_cfg, model=str(rm_dir), out=str(out / f"rm-{r}"))
-        _, _, rm_dir, rm_accuracy = train_rm(rm_cfg, rankings=rankings, demonstrations=sft_examples)
-        ppo_cfg = replace(
-            ppo_cfg, policy=str(ppo_dir / "policy"), reference=str(sft_dir), reward_model=str(rm_dir),
-            out=str(out / f"ppo-{r}"),
-        )  # fmt: skip
-        train_prompts = task.prompts(cfg.ppo_steps * cfg.rollout_batch_size, seed=20 + r)
-        models, ppo_dir = train_ppo(ppo_cfg, prompts=train_prompts, extra_metrics=gold)
-        reward_ppo = _gold(
-            task, eval_prompts, sample_completions(models.policy, tokenizer, eval_prompts, ppo_cfg)
-        )
-        kl = _sequence_kl(models, eval_prompts, ppo_cfg)
-        rounds.append({"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl})
+        gold = lambda prompts, completions: {"gold_reward": _gold(task, prompts, completions)}
+        rankings = [
+            Ranking(r["prompt"], r["responses"], r["ranking"])
+            for r in task.ranking_records(cfg.rankings, cfg.k, seed=2)
+        ]
+        rounds: list[dict[str, float]] = []
+        rm_init, policy_dir = sft_dir, sft_dir
+        models = None  # the PPO models of the previous round, whose samples the next round ranks
+        for r in range(1, cfg.rounds + 1):
+            suffix = "" if r == 1 else f"-{r}"
+            # Round 1 logs into the demo's own metrics; later rounds keep theirs in rm-R/ and ppo-R/.
+            round_logger = logger if r == 1 else None
+            if r > 1:
+                new_prompts = task.prompts(cfg.rankings, seed=10 * r + 2)
+                rankings = _policy_rankings(task, models.policy, tokenizer, new_prompts, cfg.k, ppo_base)
+            rm_cfg = replace(rm_base, model=str(rm_init), out=str(out / f"rm{suffix}"))
+            _, _, rm_dir, rm_accuracy = train_rm(
+                rm_cfg, rankings=rankings, demonstrations=sft_examples, logger=round_logger
+            )
+            ppo_cfg = replace(
+                ppo_base, policy=str(policy_dir), reference=str(sft_dir), reward_model=str(rm_dir),
+                out=str(out / f"ppo{suffix}"),
+            )  # fmt: skip
+            train_prompts = task.prompts(cfg.ppo_steps * cfg.rollout_batch_size, seed=10 * r + 3)
+            models, ppo_dir = train_ppo(
+                ppo_cfg, prompts=train_prompts, extra_metrics=gold, logger=round_logger
+            )
+            reward_ppo = _gold(
+                task, eval_prompts, sample_completions(models.policy, tokenizer, eval_prompts, ppo_cfg)
+            )
+            kl = _sequence_kl(models, eval_prompts, ppo_cfg)
+            rounds.append({"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl})
+            rm_init, policy_dir = rm_dir, ppo_dir / "policy"
 
     summary = {
-        "rm_accuracy": rm_accuracy,
+        **rounds[-1],  # rm_accuracy, reward_ppo and kl of the final round
         "reward_sft": reward_sft,
-        "reward_ppo": reward_ppo,
-        "kl": kl,
         "rounds": rounds,
         "seconds": time.perf_counter() - t0,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
