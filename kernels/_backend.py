@@ -7,6 +7,7 @@ override ``FASTRLHF_KERNELS=torch|triton`` forces one backend. Both are read at 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -60,6 +61,8 @@ def check_mask(name: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) 
     check_same_shape(name, mask, ref_name, ref)
 
 
-def check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def check_temperature(temperature: float) -> float:
+    """The temperature as a Python float, if it is finite and > 0."""
+    if not (isinstance(temperature, int | float) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import check_float, check_same_device, use_triton
+from ._backend import check_float, check_same_device, check_temperature, use_triton
 from .token_logprobs import (
     _backward,
     _forward,
     check_ids,
-    check_temperature_finite,
     token_logprobs_reference,
 )
 
@@ -229,7 +228,7 @@ def linear_token_logprobs(
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     check_ids(ids, hidden.shape[:-1], "hidden")
     check_same_device(hidden=hidden, weight=weight, ids=ids, bias=bias)
-    temperature = check_temperature_finite(temperature)
+    temperature = check_temperature(temperature)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -306,13 +306,6 @@ def check_ids(ids: torch.Tensor, lead_shape: torch.Size, ref_name: str) -> None:
         )
 
 
-def check_temperature_finite(temperature: float) -> float:
-    check_temperature(temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    return float(temperature)
-
-
 def token_logprobs(
     logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +337,7 @@ def token_logprobs(
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     check_ids(ids, logits.shape[:-1], "logits")
     check_same_device(logits=logits, ids=ids)
-    temperature = check_temperature_finite(temperature)
+    temperature = check_temperature(temperature)
     cfg = _Config(1.0 / temperature, bool(return_entropy), use_triton(logits, ids))
     return _TokenLogprobs.apply(logits, ids, cfg)
 
