@@ -28,6 +28,7 @@ from fastrlhf.models import (
 from fastrlhf.ppo import KLController, PPOModels, RewardFn, Trainables, ppo_step, rollout
 from fastrlhf.sft import encode_sft
 from fastrlhf.training import (
+    StepBatches,
     finish_run,
     log,
     micro_batches,
@@ -167,12 +168,11 @@ def train_ppo(
         log.info("resumed PPO from step %d", start)
     own_logger = logger is None
     logger = logger or MetricsLogger(out, run_name="ppo", wandb=cfg.wandb)
-    per_epoch = len(data) // cfg.rollout_batch_size
+    batches = StepBatches(data, cfg.rollout_batch_size, seed=cfg.seed)
     stats: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", disable=None)
     for step in range(start, cfg.steps):
-        epoch, index = divmod(step, per_epoch)
-        batch = shuffled_batches(data, cfg.rollout_batch_size, seed=cfg.seed, epoch=epoch)[index]
+        batch = batches[step]
         texts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False) for p, _ in batch]
         with naming_last_checkpoint(ckpt_dir):
             stats, rollout = ppo_step(models, texts, [ids for _, ids in batch], opt, kl, cfg, step)

@@ -48,6 +48,23 @@ def shuffled_batches(items: Sequence[T], batch_size: int, *, seed: int, epoch: i
     return [[items[i] for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n)]
 
 
+class StepBatches:
+    """The batch of any optimizer step: ``shuffled_batches`` of the step's epoch, reshuffled only when the
+    epoch changes, so a resumed run at step k sees the batch an uninterrupted run saw."""
+
+    def __init__(self, items: Sequence[T], batch_size: int, *, seed: int) -> None:
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.per_epoch = len(items) // batch_size
+        self._epoch, self._batches = -1, []
+
+    def __getitem__(self, step: int) -> list[T]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = shuffled_batches(self.items, self.batch_size, seed=self.seed, epoch=epoch)
+        return self._batches[index]
+
+
 def micro_batches(batch: Sequence[T], micro_batch_size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(batch), micro_batch_size):
         yield batch[i : i + micro_batch_size]
@@ -124,16 +141,12 @@ def supervised_loop(
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         log.info("resumed %s from step %d", phase, step)
-    steps_per_epoch = len(data) // batch_size
-    total = steps_per_epoch * epochs
+    batches = StepBatches(data, batch_size, seed=seed)
+    total = batches.per_epoch * epochs
     model.train()
     bar = tqdm(total=total, initial=step, desc=phase, disable=None)
-    epoch_batches: tuple[int, list] = (-1, [])
     while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, shuffled_batches(data, batch_size, seed=seed, epoch=epoch))
-        batch = epoch_batches[1][index]
+        batch = batches[step]
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         for micro in micro_batches(batch, micro_batch_size):
