@@ -1,43 +1,427 @@
-"""Per-token log-probabilities (and entropies) from the last hidden states and the output layer, chunked.
+"""Per-token log-probabilities (and entropies) straight from the last hidden states and the output layer.
 
-``logits = hidden @ weight.T (+ bias)`` is never materialized for all N tokens: the forward walks token
-chunks, computes each chunk's logits in fp32, runs the ``token_logprobs`` machinery on them and keeps only 2-3
-floats per token. The backward recomputes each chunk's logits, forms d(loss)/d(logits) for the chunk and
-feeds it straight into the hidden/weight/bias GEMMs. Peak extra memory is O(chunk_size x V).
+Per token n, with raw logits r = h_n W^T (+ b), the logits the model samples from are
 
-Why fp32 logits matter: a bf16 GEMM *output* rounds every logit to 8 bits of mantissa (an absolute error of
-|logit| * 2^-9), which after the softmax is a 4-23% gradient error. Here the logits GEMM always accumulates
-and *outputs* fp32: on CUDA with torch >= 2.8 via ``torch.mm(..., out_dtype=torch.float32)`` on the bf16/fp16
-operands (tensor-core speed, no weight copy); elsewhere (CPU, older torch) the operands are upcast to fp32,
-the weight once per pass.
+    z = post * r'            r' = pre * r                 (a logit scale: pre = scale, post = 1/T)
+    z = post * tanh(r')      r' = pre * r                 (soft-capping: pre = scale/cap, post = cap/T)
+
+so ``cap * tanh(scale * r / cap) / T`` in general, and then logp = z_t - lse(z), entropy = lse(z) - E_p[z].
+With g_z = dL/dz = g_lp * (onehot_t - p) - g_ent * p * (z - E_p[z]), the chain rule gives
+dL/dr = g_z * pre * post (* (1 - tanh^2) when capped), dhidden = (dL/dr) W, dweight = (dL/dr)^T h.
+
+**Triton path (CUDA, or the interpreter): the logits never reach global memory.**
+* Forward: a program owns BLOCK_N tokens and one slice of the vocabulary. It walks its vocabulary tiles,
+  computes each [BLOCK_N, BLOCK_V] logits tile with ``tl.dot`` (fp32 accumulation over H), and keeps an
+  online log-sum-exp, the target logit and the entropy moment in registers. Splitting the vocabulary over
+  programs fills the GPU at any N; a second, tiny kernel merges the per-slice partials ([splits, N] floats).
+* Backward: one program per (token block, vocabulary tile) recomputes the logits tile, forms dL/dr in
+  registers and feeds it (in the operands' dtype) to two tensor-core products whose [BLOCK_N, BLOCK_K] and
+  [BLOCK_V, BLOCK_K] results are added with fp32 atomics into dhidden and dweight accumulators. Atomics,
+  not split-K partials: partials would need a [splits, V, H] buffer, atomics need none. Their only cost is
+  the order of fp32 additions, so results differ between runs by a few fp32 ulps (~1e-7 relative) and
+  almost never after rounding to bf16. With ``torch.use_deterministic_algorithms(True)`` the op takes the
+  chunked PyTorch path instead, which is bit-reproducible.
+* Extra memory, beyond inputs and outputs: O(N) statistics, an fp32 dhidden accumulator (N x H, only for
+  bf16/fp16 hidden states), an fp32 [V] bias accumulator, and an fp32 dweight accumulator for one vocabulary
+  slice at a time (at most ``_DW_SLICE_BYTES``; the backward is launched once per slice). No [N, V] or
+  [chunk, V] buffer exists.
+
+**PyTorch path (CPU, or ``FASTRLHF_KERNELS=torch``): token chunks.** Each chunk's logits are computed in
+fp32 and handed to the ``token_logprobs`` machinery; the backward recomputes them. Peak extra memory is one
+chunk's fp32 logits, O(chunk_size x V).
+
+Why fp32 logits matter on both paths: a bf16 GEMM *output* rounds every logit to 8 bits of mantissa (an
+absolute error of |logit| * 2^-9), which after the softmax is a 4-23% gradient error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import check_float, check_same_device, check_temperature, use_triton
-from .token_logprobs import (
-    _backward,
-    _forward,
-    check_ids,
-    token_logprobs_reference,
-)
+from ._backend import check_float, check_same_device, check_temperature, triton_interpreting, use_triton
+from ._triton import tl, triton
+from .token_logprobs import _backward, _forward, _rows_view, check_ids, token_logprobs_reference
 
-# The default chunk keeps one chunk's fp32 logits at or under this many bytes.
+# The default torch-path chunk keeps one chunk's fp32 logits at or under this many bytes.
 _CHUNK_LOGITS_BYTES = 256 * 1024**2
+# The Triton backward's fp32 dweight accumulator covers this many bytes of vocabulary rows at a time.
+_DW_SLICE_BYTES = 32 * 1024**2
 
 
 @dataclass(frozen=True)
 class _Config:
-    inv_temp: float
+    """What one call computes. ``pre`` and ``post`` fold the logit scale, soft-cap and temperature."""
+
+    pre: float
+    post: float
+    softcap: bool
     with_entropy: bool
     chunk: int
     triton: bool
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    block_n: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _tiles(dtype: torch.dtype, backward: bool) -> _Tiles:
+    """Tile shapes, checked offline for sm_80-sm_90 (``benchmarks/compile_kernels.py``): the forward's
+    128 x 128 logits tile fits 8 warps without spills (about 245 registers on sm_90); the backward also holds
+    dL/dr and two product tiles, so it takes 128 x 64. fp32 operands halve BLOCK_K to fit the same shared
+    memory. Tests lower them to cross many tiles at small V."""
+    block_k = 32 if dtype == torch.float32 else 64
+    if backward:
+        return _Tiles(128, 64, block_k, num_warps=8, num_stages=2)
+    return _Tiles(128, 128, block_k, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _vocab_split(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split) for the forward: about two programs per SM, and no empty split."""
+    want = max(1, min(n_vocab_tiles, -(-2 * _multiprocessors(device) // n_row_blocks)))
+    per_split = -(-n_vocab_tiles // want)
+    return -(-n_vocab_tiles // per_split), per_split
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands follow torch's TF32 switch, like torch.matmul does.
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _needs_int64(*tensors: torch.Tensor, n_cols: int = 0) -> bool:
+    """Whether some element offset (or N * n_cols, for the dhidden accumulator) reaches 2^31."""
+    spans = [sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1 for t in tensors]
+    rows = tensors[0].shape[0] * tensors[0].shape[1]
+    return max(*spans, rows * n_cols) >= 2**31
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current device, not on the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tanh(x):
+    # Through exp(-2|x|) in (0, 1]: no overflow at any |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter (3.9) multiplies bf16 blocks wrongly; exact fp32 products give the same result
+    # as the tensor cores' bf16 x bf16 -> fp32 up to summation order.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, h_off, rows_ok, cols, cols_ok, H, stride_w, pre, post,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """z for one [BLOCK_N, BLOCK_V] tile in fp32; -inf in the columns outside the vocabulary."""
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + h_off[:, None] + ks[None, :]
+    w_ptrs = w_ptr + cols[:, None] * stride_w + ks[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_ptrs + k, mask=rows_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs + k, mask=cols_ok[:, None], other=0.0)
+        else:
+            k_ok = (k + ks) < H
+            a = tl.load(h_ptrs + k, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs + k, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+    r = acc * pre
+    if HAS_SOFTCAP:
+        r = _tanh(r)
+    return tl.where(cols_ok[None, :], r * post, float("-inf"))
+
+
+@triton.jit
+def _index(x, IDX64: tl.constexpr):
+    # Index math stays 32-bit (half the registers of 64-bit pointer offsets) unless a tensor is too large.
+    if IDX64:
+        return x.to(tl.int64)
+    return x
+
+
+@triton.jit
+def _target_ids(ids_ptr, rows, rows_ok, V):
+    """The rows' target ids in the index width, -1 where out of range (those logp are NaN)."""
+    tid = tl.load(ids_ptr + rows, mask=rows_ok, other=-1)
+    return tl.where((tid >= 0) & (tid < V), tid, -1).to(rows.dtype)
+
+
+@triton.jit
+def _row_offsets(rows, T, stride_b, stride_t):
+    b = rows // T
+    return b * stride_b + (rows - b * T) * stride_t
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr, w_ptr, b_ptr, ids_ptr, part_ptr,
+    N, V, H, T, stride_b, stride_t, stride_w, pre, post, tiles_per_split,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr,
+):  # fmt: skip
+    """Partial statistics of one token block over one vocabulary slice: max m, sum exp(z - m),
+    sum exp(z - m) * (z - m), and the target logit (0 unless the target falls in the slice)."""
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = _index(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
+    rows_ok = rows < N
+    h_off = _row_offsets(rows, T, stride_b, stride_t)
+    ids = _target_ids(ids_ptr, rows, rows_ok, V)
+    neg_inf = float("-inf")
+    m = tl.full((BLOCK_N,), neg_inf, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    target = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = _index(split * tiles_per_split * BLOCK_V, IDX64)
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V - v_start, BLOCK_V))
+    for i in range(0, n_tiles):
+        cols = v_start + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols_ok = cols < V
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, h_off, rows_ok, cols, cols_ok, H, stride_w, pre, post,
+            HAS_BIAS, HAS_SOFTCAP, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
+        )  # fmt: skip
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # While every logit so far is -inf there is nothing to shift by; 0 keeps the arithmetic NaN-free.
+        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref[:, None])
+        if WITH_ENT:
+            # Re-centre the running sum of e * (z - m) on the new max.
+            shift = tl.where(m == neg_inf, 0.0, m - m_ref)
+            d = tl.where(z == neg_inf, 0.0, z - m_ref[:, None])
+            u = alpha * (u + shift * s) + tl.sum(e * d, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        target += tl.sum(tl.where(cols[None, :] == ids[:, None], z, 0.0), axis=1)
+    part = part_ptr + split.to(tl.int64) * N + rows
+    stride_q = num_splits * N
+    tl.store(part, m, mask=rows_ok)
+    tl.store(part + stride_q, s, mask=rows_ok)
+    tl.store(part + 2 * stride_q, target, mask=rows_ok)
+    if WITH_ENT:
+        tl.store(part + 3 * stride_q, u, mask=rows_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, ids_ptr, logp_ptr, ent_ptr, stats_ptr, N, V, num_splits,
+    WITH_ENT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Merges the slices: logp = z_t - lse, entropy = lse - E[z]; saves lse and E[z] for the backward."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    neg_inf = float("-inf")
+    stride_q = num_splits * N
+    m = tl.full((BLOCK,), neg_inf, tl.float32)
+    for j in range(0, num_splits):
+        m = tl.maximum(m, tl.load(part_ptr + j * N + rows, mask=ok, other=neg_inf))
+    m_ref = tl.where(m == neg_inf, 0.0, m)
+    s = tl.zeros((BLOCK,), tl.float32)
+    u = tl.zeros((BLOCK,), tl.float32)
+    target = tl.zeros((BLOCK,), tl.float32)
+    for j in range(0, num_splits):
+        m_j = tl.load(part_ptr + j * N + rows, mask=ok, other=neg_inf)
+        s_j = tl.load(part_ptr + stride_q + j * N + rows, mask=ok, other=0.0)
+        alpha = tl.exp(m_j - m_ref)
+        s += alpha * s_j
+        target += tl.load(part_ptr + 2 * stride_q + j * N + rows, mask=ok, other=0.0)
+        if WITH_ENT:
+            u_j = tl.load(part_ptr + 3 * stride_q + j * N + rows, mask=ok, other=0.0)
+            u += alpha * (u_j + tl.where(m_j == neg_inf, 0.0, m_j - m_ref) * s_j)
+    logs = tl.log(tl.where(ok, s, 1.0))  # rows past N are never stored; keep them finite
+    tid = tl.load(ids_ptr + rows, mask=ok, other=0)
+    valid = (tid >= 0) & (tid < V)
+    # (z_t - m) first: exact for nearby values, so large logits lose nothing to the subtraction of lse.
+    tl.store(logp_ptr + rows, tl.where(valid, (target - m_ref) - logs, float("nan")), mask=ok)
+    tl.store(stats_ptr + rows, m_ref + logs, mask=ok)
+    if WITH_ENT:
+        mean_shifted = u / tl.where(ok, s, 1.0)
+        tl.store(ent_ptr + rows, logs - mean_shifted, mask=ok)
+        tl.store(stats_ptr + N + rows, m_ref + mean_shifted, mask=ok)
+
+
+@triton.jit
+def _bwd_kernel(
+    h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H, T, stride_b, stride_t, stride_w, stride_dh, stride_dw, v_start, v_end, pre, post,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+):  # fmt: skip
+    """dL/dr for one (token block, vocabulary tile), added into dhidden, dweight rows [v_start, v_end)
+    (dw_ptr points at row v_start) and dbias."""
+    # GROUP_N token blocks sweep each vocabulary tile together, so a weight tile is reused from L2.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    n_col_blocks = tl.cdiv(v_end - v_start, BLOCK_V)
+    width = GROUP_N * n_col_blocks
+    first = (pid // width) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first, GROUP_N)
+    pid_n = first + (pid % width) % group_size
+    pid_v = (pid % width) // group_size
+    rows = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
+    cols = _index(v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V), IDX64)
+    rows_ok = rows < N
+    cols_ok = cols < v_end
+    h_off = _row_offsets(rows, T, stride_b, stride_t)
+    z = _logits_tile(
+        h_ptr, w_ptr, b_ptr, h_off, rows_ok, cols, cols_ok, H, stride_w, pre, post,
+        HAS_BIAS, HAS_SOFTCAP, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
+    )  # fmt: skip
+    lse = tl.load(stats_ptr + rows, mask=rows_ok, other=0.0)
+    tid = _target_ids(ids_ptr, rows, rows_ok, V)
+    # An out-of-range id makes logp a NaN constant: its gradient term is dropped.
+    g_lp = tl.where(tid >= 0, tl.load(glp_ptr + rows, mask=rows_ok, other=0.0), 0.0)
+    p = tl.exp(z - lse[:, None])
+    if HAS_ENT_GRAD:
+        mu = tl.load(stats_ptr + N + rows, mask=rows_ok, other=0.0)
+        g_ent = tl.load(gent_ptr + rows, mask=rows_ok, other=0.0)
+        coef = g_lp[:, None] + g_ent[:, None] * tl.where(z == float("-inf"), 0.0, z - mu[:, None])
+    else:
+        coef = g_lp[:, None]
+    g = tl.where(cols[None, :] == tid[:, None], g_lp[:, None], 0.0) - p * coef
+    if HAS_SOFTCAP:
+        t = z / post  # tanh(r'), recovered from z
+        g = g * (pre * post) * (1.0 - t * t)
+    else:
+        g = g * (pre * post)
+    g = tl.where(rows_ok[:, None] & cols_ok[None, :], g, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=cols_ok)
+    # The products run on tensor cores in the operands' dtype: a relative, per-element rounding of dL/dr.
+    g_op = g.to(w_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    for k in range(0, H, BLOCK_K):
+        k_ok = (k + ks) < H
+        if NEED_DH:
+            w = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
+                        mask=cols_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            dh = _dot(g_op, w, None, PRECISION, UPCAST)
+            tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + (k + ks)[None, :], dh,
+                          mask=rows_ok[:, None] & k_ok[None, :])  # fmt: skip
+        if NEED_DW:
+            h = tl.load(h_ptr + h_off[:, None] + (k + ks)[None, :],
+                        mask=rows_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            dw = _dot(tl.trans(g_op), h, None, PRECISION, UPCAST)
+            tl.atomic_add(dw_ptr + (cols - v_start)[:, None] * stride_dw + (k + ks)[None, :], dw,
+                          mask=cols_ok[:, None] & k_ok[None, :])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ Triton launchers
+
+
+def _triton_forward(h3, weight, bias, ids, cfg: _Config):
+    """logp [N], entropy [N] or None, stats [1 or 2, N] (lse, E[z])."""
+    (_, T, H), V, N = h3.shape, weight.shape[0], ids.numel()
+    dev = h3.device
+    tiles = _tiles(weight.dtype, backward=False)
+    n_row_blocks = triton.cdiv(N, tiles.block_n)
+    splits, per_split = _vocab_split(n_row_blocks, triton.cdiv(V, tiles.block_v), dev)
+    part = torch.empty(4 if cfg.with_entropy else 3, splits, N, dtype=torch.float32, device=dev)
+    logp = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev) if cfg.with_entropy else None
+    stats = torch.empty(2 if cfg.with_entropy else 1, N, dtype=torch.float32, device=dev)
+    _fwd_kernel[(n_row_blocks, splits)](
+        h3, weight, weight if bias is None else bias, ids, part,
+        N, V, H, T, h3.stride(0), h3.stride(1), weight.stride(0), cfg.pre, cfg.post, per_split,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=cfg.softcap, WITH_ENT=cfg.with_entropy,
+        EVEN_K=H % tiles.block_k == 0, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+        BLOCK_K=tiles.block_k, PRECISION=_dot_precision(weight.dtype), UPCAST=_upcast_dots(weight.dtype),
+        IDX64=_needs_int64(h3, weight),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    block = 1024
+    _combine_kernel[(triton.cdiv(N, block),)](
+        part, ids, logp, logp if ent is None else ent, stats, N, V, splits,
+        WITH_ENT=cfg.with_entropy, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return logp, ent, stats
+
+
+def _triton_backward(h3, weight, bias, ids, stats, g_lp, g_ent, needs, cfg: _Config):
+    """Gradients for hidden [N, H], weight and bias (None where not needed), in their own dtypes."""
+    need_h, need_w, need_b = needs
+    (_, T, H), V, N = h3.shape, weight.shape[0], ids.numel()
+    dev = h3.device
+    tiles = _tiles(weight.dtype, backward=True)
+    fp32 = weight.dtype == torch.float32
+    # fp32 operands accumulate straight into their gradients; bf16/fp16 ones into fp32 buffers.
+    dh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    dw = torch.empty_like(weight) if need_w else None
+    rows_per_slice = max(tiles.block_v, _DW_SLICE_BYTES // (4 * H) // tiles.block_v * tiles.block_v)
+    dw_acc = None
+    if need_w and not fp32:
+        dw_acc = torch.empty(min(V, rows_per_slice), H, dtype=torch.float32, device=dev)
+    dummy = stats
+    for v_start in range(0, V, rows_per_slice):
+        v_end = min(V, v_start + rows_per_slice)
+        if need_w:
+            acc = dw[v_start:v_end] if fp32 else dw_acc[: v_end - v_start]
+            acc.zero_()
+        grid = (triton.cdiv(N, tiles.block_n) * triton.cdiv(v_end - v_start, tiles.block_v),)
+        _bwd_kernel[grid](
+            h3, weight, weight if bias is None else bias, ids, stats, g_lp,
+            dummy if g_ent is None else g_ent, dummy if dh is None else dh,
+            acc if need_w else dummy, dummy if db is None else db,
+            N, V, H, T, h3.stride(0), h3.stride(1), weight.stride(0), H, H, v_start, v_end,
+            cfg.pre, cfg.post,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=cfg.softcap, HAS_ENT_GRAD=g_ent is not None,
+            NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b, EVEN_K=H % tiles.block_k == 0,
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, GROUP_N=8,
+            PRECISION=_dot_precision(weight.dtype), UPCAST=_upcast_dots(weight.dtype),
+            IDX64=_needs_int64(h3, weight, n_cols=H), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+        if need_w and not fp32:
+            dw[v_start:v_end].copy_(acc)
+    return (
+        dh.to(h3.dtype) if need_h else None,
+        dw,
+        db.to(bias.dtype) if need_b else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ PyTorch path
 
 
 @functools.cache
@@ -46,18 +430,6 @@ def _fp32_out_supported(device_type: str, dtype: torch.dtype) -> bool:
     try:
         a = torch.ones(2, 2, dtype=dtype, device=device_type)
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-@functools.cache
-def _fp32_accumulate_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether addmm adds `dtype` products into an fp32 tensor in place (newer torch; checked by value)."""
-    try:
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
-        acc = torch.ones(2, 2, dtype=torch.float32, device=device_type)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool((acc == 3).all())
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
@@ -77,47 +449,95 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32; in place when the GEMM can write fp32 itself."""
+    """acc += a @ b with acc fp32 (CUDA's addmm refuses an fp32 accumulator for bf16 operands)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _fp32_accumulate_supported(a.device.type, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += _mm32(a, b)
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cfg: _Config) -> torch.Tensor:
+    """The chunk's logits before the temperature, fp32: scale * r, or cap * tanh(scale * r / cap)."""
     logits = _mm32(h, w.t())
     if bias is not None:
         logits += bias
-    return logits
+    if cfg.softcap:
+        return logits.mul_(cfg.pre).tanh_()
+    return logits.mul_(cfg.pre) if cfg.pre != 1.0 else logits
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Largest power of two whose [chunk, V] fp32 logits fit in 256 MiB (256 at V=152k, 2048 at V=32k)."""
-    rows = max(1, _CHUNK_LOGITS_BYTES // (4 * vocab_size))
-    return 1 << (rows.bit_length() - 1)
+def _torch_forward(h2, weight, bias, ids, cfg: _Config):
+    N = ids.numel()
+    w = weight.to(_gemm_dtype(weight))
+    dev = h2.device
+    logp = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev) if cfg.with_entropy else None
+    stats = torch.empty(3 if cfg.with_entropy else 2, N, dtype=torch.float32, device=dev)
+    for r0 in range(0, N, cfg.chunk):
+        r1 = min(N, r0 + cfg.chunk)
+        logits = _chunk_logits(h2[r0:r1].to(w.dtype), w, bias, cfg)
+        lp, en, st = _forward(logits[None], ids[r0:r1], cfg.post, cfg.with_entropy, False)
+        logp[r0:r1], stats[:, r0:r1] = lp, st
+        if cfg.with_entropy:
+            ent[r0:r1] = en
+    return logp, ent, stats
+
+
+def _torch_backward(h2, weight, bias, ids, stats, g_lp, g_ent, needs, cfg: _Config):
+    need_h, need_w, need_b = needs
+    N, (V, H) = ids.numel(), weight.shape
+    gemm_dtype = _gemm_dtype(weight)
+    w = weight.to(gemm_dtype)
+    grad_h = torch.empty(N, H, dtype=h2.dtype, device=h2.device) if need_h else None
+    # Summed over chunks in fp32: a low-precision running sum would round once per chunk.
+    acc_w = torch.zeros(V, H, dtype=torch.float32, device=h2.device) if need_w else None
+    acc_b = torch.zeros(V, dtype=torch.float32, device=h2.device) if need_b else None
+    transformed = cfg.softcap or cfg.pre != 1.0
+    for r0 in range(0, N, cfg.chunk):
+        r1 = min(N, r0 + cfg.chunk)
+        h = h2[r0:r1].to(gemm_dtype)
+        logits = _chunk_logits(h, w, bias, cfg)
+        # d(loss)/d(logits) goes into GEMMs whose operands share one dtype, so it is written in that dtype
+        # (in place over fp32 logits, or into a half-size buffer): a relative rounding per element, not the
+        # |logit|-scaled error of bf16 logits. Scaled or capped logits keep fp32 values for the chain rule.
+        in_place = gemm_dtype == torch.float32 or transformed
+        g = logits if in_place else torch.empty_like(logits, dtype=gemm_dtype)
+        ge = None if g_ent is None else g_ent[r0:r1]
+        tanh = logits.clone() if cfg.softcap else None
+        _backward(
+            logits[None], ids[r0:r1], stats[:, r0:r1].contiguous(), g_lp[r0:r1], ge, cfg.post, g[None], False
+        )
+        if cfg.softcap:
+            g.mul_(1.0 - tanh.square_())
+        if transformed:
+            g = g.mul_(cfg.pre).to(gemm_dtype)
+        if need_h:
+            grad_h[r0:r1] = _mm32(g, w)
+        if need_w:
+            _addmm32_(acc_w, g.t(), h)
+        if need_b:
+            acc_b += g.sum(0, dtype=torch.float32)
+    return (
+        grad_h if need_h else None,
+        acc_w.to(weight.dtype) if need_w else None,
+        acc_b.to(bias.dtype) if need_b else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ autograd + API
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, cfg: _Config):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
         ids1 = ids.reshape(-1).to(torch.int64).contiguous()
-        N = ids1.numel()
-        gemm_dtype = _gemm_dtype(weight)
-        w = weight.to(gemm_dtype)
-        dev = hidden.device
-        logp = torch.empty(N, dtype=torch.float32, device=dev)
-        ent = torch.empty(N, dtype=torch.float32, device=dev) if cfg.with_entropy else None
-        stats = torch.empty(3 if cfg.with_entropy else 2, N, dtype=torch.float32, device=dev)
-        for r0 in range(0, N, cfg.chunk):
-            r1 = min(N, r0 + cfg.chunk)
-            logits = _chunk_logits(h2[r0:r1].to(gemm_dtype), w, bias)
-            lp, en, st = _forward(logits[None], ids1[r0:r1], cfg.inv_temp, cfg.with_entropy, cfg.triton)
-            logp[r0:r1], stats[:, r0:r1] = lp, st
-            if cfg.with_entropy:
-                ent[r0:r1] = en
+        with _device_guard(hidden):
+            if cfg.triton:
+                logp, ent, stats = _triton_forward(_rows_view(hidden), weight, bias, ids1, cfg)
+            else:
+                logp, ent, stats = _torch_forward(
+                    hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids1, cfg
+                )
         ctx.save_for_backward(hidden, weight, bias, ids1, stats)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -128,48 +548,39 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None = None):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if (g_lp is None and g_ent is None) or not any(needs):
             return None, None, None, None, None
         hidden, weight, bias, ids1, stats = ctx.saved_tensors
         cfg: _Config = ctx.cfg
-        H, (V, _), N = hidden.shape[-1], weight.shape, ids1.numel()
-        dev = hidden.device
-        h2 = hidden.reshape(-1, H)
-        g_lp = torch.zeros(N, device=dev) if g_lp is None else g_lp.reshape(N).float().contiguous()
+        N = ids1.numel()
+        # Incoming grads may be expanded (stride 0) views; the kernels index them densely.
+        g_lp = torch.zeros(N, device=hidden.device) if g_lp is None else g_lp.reshape(N).float().contiguous()
         g_ent = None if g_ent is None else g_ent.reshape(N).float().contiguous()
-        gemm_dtype = _gemm_dtype(weight)
-        w = weight.to(gemm_dtype)
-        grad_h = torch.empty_like(h2) if need_h else None
-        # Summed over chunks in fp32: a low-precision running sum would round once per chunk.
-        acc_w = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
-        acc_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-        for r0 in range(0, N, cfg.chunk):
-            r1 = min(N, r0 + cfg.chunk)
-            h = h2[r0:r1].to(gemm_dtype)
-            logits = _chunk_logits(h, w, bias)
-            # d(loss)/d(logits) goes straight into GEMMs that take operands of one dtype, so write it in that
-            # dtype: in place over the fp32 logits, or (bf16/fp16 weights) into a half-size buffer. That
-            # rounding is relative per element, not the |logit|-scaled error of bf16 logits.
-            g = logits if gemm_dtype == torch.float32 else torch.empty_like(logits, dtype=gemm_dtype)
-            ge = None if g_ent is None else g_ent[r0:r1]
-            _backward(
-                logits[None], ids1[r0:r1], stats[:, r0:r1].contiguous(), g_lp[r0:r1], ge,
-                cfg.inv_temp, g[None], cfg.triton,
-            )  # fmt: skip
-            if need_h:
-                grad_h[r0:r1] = _mm32(g, w)
-            if need_w:
-                _addmm32_(acc_w, g.t(), h)
-            if need_b:
-                acc_b += g.sum(0, dtype=torch.float32)
-        return (
-            grad_h.view(hidden.shape) if need_h else None,
-            acc_w.to(weight.dtype) if need_w else None,
-            acc_b.to(bias.dtype) if need_b else None,
-            None,
-            None,
-        )
+        with _device_guard(hidden):
+            if cfg.triton:
+                grads = _triton_backward(
+                    _rows_view(hidden), weight, bias, ids1, stats, g_lp, g_ent, needs, cfg
+                )
+            else:
+                h2 = hidden.reshape(-1, hidden.shape[-1])
+                grads = _torch_backward(h2, weight, bias, ids1, stats, g_lp, g_ent, needs, cfg)
+        grad_h, grad_w, grad_b = grads
+        return grad_h.view(hidden.shape) if grad_h is not None else None, grad_w, grad_b, None, None
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Largest power of two whose [chunk, V] fp32 logits fit in 256 MiB (256 at V=152k, 2048 at V=32k)."""
+    rows = max(1, _CHUNK_LOGITS_BYTES // (4 * vocab_size))
+    return 1 << (rows.bit_length() - 1)
+
+
+def _check_positive(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+    return float(value)
 
 
 def linear_token_logprobs(
@@ -179,35 +590,36 @@ def linear_token_logprobs(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``token_logprobs(hidden @ weight.T + bias, ids)`` without ever holding the [N, V] logits.
+    """``token_logprobs(f(hidden @ weight.T + bias), ids)`` without ever holding the [N, V] logits.
 
     Args:
         hidden: ``[..., H]`` last hidden states, float32, bfloat16 or float16.
         weight: ``[V, H]`` output-layer (lm_head) weight, same dtype as ``hidden``.
         ids: integer tensor of shape ``hidden.shape[:-1]``.
         bias: optional ``[V]`` float bias.
-        temperature: > 0; logits are divided by it before the softmax (reaches the kernel as fp32
-            1/temperature).
-        return_entropy: also return the per-position entropy of ``softmax(logits / temperature)``.
-        chunk_size: tokens per chunk. Default: the largest power of two whose fp32 ``[chunk, V]`` logits take
-            at most 256 MiB (see ``default_chunk_size``), capped at N.
+        temperature: > 0; the processed logits are divided by it before the softmax.
+        softcap: logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2's ``final_logit_softcapping``),
+            applied after the scale and before the temperature. None: no capping.
+        logit_scale: multiplies the logits first (Cohere's ``logit_scale``; Granite's ``logits_scaling`` is
+            ``1 / logit_scale``). None: 1.
+        return_entropy: also return the per-position entropy of the distribution ``logp`` is taken from.
+        chunk_size: tokens per chunk on the PyTorch path (CPU). Default: the largest power of two whose fp32
+            ``[chunk, V]`` logits take at most 256 MiB (see ``default_chunk_size``). The Triton path tiles
+            by itself and ignores it.
 
     Returns:
         ``logp`` (float32, shape of ``ids``), or ``(logp, entropy)``. Differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias``; gradients come back in their dtypes.
 
-    Precision: each chunk's logits are accumulated and kept in fp32 up to the softmax (see the module
-    docstring for how). Weight and bias gradients are summed over chunks in an fp32 buffer (V x H x 4 bytes).
-    With bf16/fp16 weights the per-chunk d(loss)/d(logits) feeding the backward GEMMs is rounded to that
-    dtype (a relative, per-element rounding, as in any bf16 backward).
-    fp32 weights follow torch's TF32 setting (``torch.backends.cuda.matmul.allow_tf32``).
-
-    Memory: peak extra is one chunk's fp32 logits (+ a half-size gradient buffer for bf16/fp16 weights in the
-    backward); between forward and backward only 2-3 floats per token are kept. The forward runs one GEMM per
-    chunk, the backward three (recomputed logits, hidden gradient, weight gradient).
+    Precision: logits are accumulated and kept in fp32 up to the softmax; weight and bias gradients are
+    summed in fp32. With bf16/fp16 weights, d(loss)/d(logits) is rounded to that dtype for the backward
+    products (a relative, per-element rounding, as in any bf16 backward). fp32 weights follow torch's TF32
+    setting (``torch.backends.cuda.matmul.allow_tf32``). See the module docstring for memory and determinism.
 
     Out-of-range ids behave as in ``token_logprobs``: NaN logp, no gradient from that logp.
     """
@@ -229,13 +641,28 @@ def linear_token_logprobs(
     check_ids(ids, hidden.shape[:-1], "hidden")
     check_same_device(hidden=hidden, weight=weight, ids=ids, bias=bias)
     temperature = check_temperature(temperature)
+    softcap = _check_positive("softcap", softcap)
+    scale = _check_positive("logit_scale", logit_scale) or 1.0
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    chunk = max(1, min(chunk_size, ids.numel()))
     tensors = (hidden, weight, ids) if bias is None else (hidden, weight, ids, bias)
-    cfg = _Config(1.0 / temperature, bool(return_entropy), chunk, use_triton(*tensors))
+    fused = use_triton(*tensors) and not torch.are_deterministic_algorithms_enabled()
+    if softcap is None:
+        pre, post = scale, 1.0 / temperature
+    else:
+        pre, post = scale / softcap, softcap / temperature
+    cfg = _Config(
+        pre=pre,
+        post=post,
+        softcap=softcap is not None,
+        with_entropy=bool(return_entropy),
+        chunk=max(1, min(chunk_size, ids.numel())),
+        triton=fused,
+    )
+    if ids.numel() == 0:
+        cfg = _Config(pre, post, cfg.softcap, cfg.with_entropy, 1, False)
     return _LinearTokenLogprobs.apply(hidden, weight, bias, ids, cfg)
 
 
@@ -246,11 +673,18 @@ def linear_token_logprobs_reference(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Executable spec: full logits in float32 (float64 for float64 input), then token_logprobs_reference."""
+    """Executable spec: full logits in float32 (float64 for float64 input), scaled, capped, then
+    token_logprobs_reference at the temperature."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
         logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return token_logprobs_reference(logits, ids, temperature=temperature, return_entropy=return_entropy)
