@@ -135,9 +135,6 @@ def load_causal_lm(
 ) -> nn.Module:
     """A causal LM from a directory or hub id: dropout off, pad token set, optional checkpointing and LoRA."""
     model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, device, trainable))
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 1.0):
-            raise ValueError(f"{path}: models with {attr} are not supported (log-probs skip the logits)")
     return _prepare(model, cfg, device, tokenizer, trainable=trainable, task="CAUSAL_LM")
 
 
@@ -213,7 +210,23 @@ def response_logprobs(
         bias=head.bias,
         temperature=temperature,
         return_entropy=return_entropy,
+        **logit_processing(unwrap(model).config),
     )
+
+
+def logit_processing(config) -> dict[str, float | None]:
+    """What the model does to its output layer's result before the softmax, as ``linear_token_logprobs``
+    options: Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale`` (a factor) and Granite's
+    ``logits_scaling`` (a divisor)."""
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor not in (None, 1, 1.0):
+        scale = (scale or 1.0) / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    return {
+        "softcap": float(cap) if cap else None,
+        "logit_scale": float(scale) if scale not in (None, 1.0) else None,
+    }
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
