@@ -75,15 +75,20 @@ class _Tiles:
     num_stages: int
 
 
-def _tiles(dtype: torch.dtype, backward: bool) -> _Tiles:
-    """Tile shapes, checked offline for sm_80-sm_90 (``benchmarks/compile_kernels.py``): the forward's
-    128 x 128 logits tile fits 8 warps without spills (about 245 registers on sm_90); the backward also holds
-    dL/dr and two product tiles, so it takes 128 x 64. fp32 operands halve BLOCK_K to fit the same shared
-    memory. Tests lower them to cross many tiles at small V."""
+def _tiles(dtype: torch.dtype, backward: bool, capability: tuple[int, int]) -> _Tiles:
+    """Tile shapes, checked offline for sm_80-sm_90 (``benchmarks/compile_kernels.py``). The forward's
+    128 x 128 logits tile fits 8 warps without spills on sm_90 (wgmma keeps its accumulator lean, about 245
+    registers) but spills on sm_8x, which take 128 x 64. The backward also holds dL/dr and two product tiles,
+    so it takes 128 x 64 everywhere. fp32 operands halve BLOCK_K to fit the same shared memory. Tests lower
+    them to cross many tiles at small V."""
     block_k = 32 if dtype == torch.float32 else 64
     if backward:
         return _Tiles(128, 64, block_k, num_warps=8, num_stages=2)
-    return _Tiles(128, 128, block_k, num_warps=8, num_stages=3)
+    return _Tiles(128, 128 if capability >= (9, 0) else 64, block_k, num_warps=8, num_stages=3)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 @functools.cache
@@ -354,7 +359,7 @@ def _triton_forward(h3, weight, bias, ids, cfg: _Config):
     """logp [N], entropy [N] or None, stats [1 or 2, N] (lse, E[z])."""
     (_, T, H), V, N = h3.shape, weight.shape[0], ids.numel()
     dev = h3.device
-    tiles = _tiles(weight.dtype, backward=False)
+    tiles = _tiles(weight.dtype, backward=False, capability=_capability(dev))
     n_row_blocks = triton.cdiv(N, tiles.block_n)
     splits, per_split = _vocab_split(n_row_blocks, triton.cdiv(V, tiles.block_v), dev)
     part = torch.empty(4 if cfg.with_entropy else 3, splits, N, dtype=torch.float32, device=dev)
@@ -383,7 +388,7 @@ def _triton_backward(h3, weight, bias, ids, stats, g_lp, g_ent, needs, cfg: _Con
     need_h, need_w, need_b = needs
     (_, T, H), V, N = h3.shape, weight.shape[0], ids.numel()
     dev = h3.device
-    tiles = _tiles(weight.dtype, backward=True)
+    tiles = _tiles(weight.dtype, backward=True, capability=_capability(dev))
     fp32 = weight.dtype == torch.float32
     # fp32 operands accumulate straight into their gradients; bf16/fp16 ones into fp32 buffers.
     dh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
