@@ -265,6 +265,7 @@ def test_targets_and_markdown() -> None:
             lin, "linear_token_logprobs", "fwd+bwd", {"N": 1}, "fastrlhf", 1.1, extra_mem_excl_outputs_mb=10.0
         ),
         row(lin, "linear_token_logprobs", "fwd+bwd", {"N": 1}, "bare_gemm", 1.0),
+        row(lin, "linear_token_logprobs", "fwd+bwd", {"N": 1}, "cce", 1.2),  # 1.1 / 1.2 = 0.92 > 0.9
         row(
             lin,
             "linear_token_logprobs",
@@ -282,7 +283,9 @@ def test_targets_and_markdown() -> None:
     assert t["token_logprobs_copy_bw"]["pass"] is True  # 90% >= 85%
     assert t["token_logprobs_vs_trl"]["pass"] is False  # 1.2x < 1.3x
     assert t["linear_vs_bare_gemm"]["pass"] is True  # 1.1 <= 1.15
-    assert t["linear_memory"]["pass"] is True  # 1% <= 3%
+    assert t["linear_vs_cce"]["pass"] is False
+    assert t["linear_vs_cce"]["cases"][0]["value"] == pytest.approx(1.1 / 1.2)
+    assert t["linear_memory"]["pass"] is True  # 10 MiB / 1000 MiB = 1% <= 1%
     assert t["gae_vs_python_loop"]["pass"] is True  # 300x
     fast = next(r for r in report["results"] if r["provider"] == "fastrlhf" and r["op"] == "gae")
     assert fast["speedup_vs_eager"] == pytest.approx(300.0)

@@ -53,8 +53,9 @@ def _tlp(n: int, v: int, dtype: str, mode: str, **params: Any) -> Case:
     return Case("token_logprobs", mode, (("N", n), ("V", v)), dtype, tuple(sorted(params.items())))
 
 
-def _lin(n: int, h: int, v: int, mode: str) -> Case:
-    return Case("linear_token_logprobs", mode, (("N", n), ("H", h), ("V", v)), "bf16")
+def _lin(n: int, h: int, v: int, mode: str, **params: Any) -> Case:
+    shape = (("N", n), ("H", h), ("V", v))
+    return Case("linear_token_logprobs", mode, shape, "bf16", tuple(sorted(params.items())))
 
 
 def _rl(op: str, b: int, t: int, **params: Any) -> Case:
@@ -80,10 +81,12 @@ def full_cases() -> dict[str, list[Case]]:
     ]
     token += [_tlp(16384, 151936, "bf16", m, entropy=True) for m in ("fwd+bwd", "fwd")]
     lin_shapes = [(8192, 896, 151936), (8192, 2048, 151936), (8192, 4096, 128256)]
+    linear = [_lin(*s, mode) for mode in ("fwd+bwd", "fwd") for s in lin_shapes]
+    linear += [_lin(8192, 896, 151936, m, entropy=True) for m in ("fwd+bwd", "fwd")]
     gae_shapes = [(512, 2048), (64, 512), (256, 1024)]
     return {
         "token_logprobs": token,
-        "linear_token_logprobs": [_lin(*s, mode) for mode in ("fwd+bwd", "fwd") for s in lin_shapes],
+        "linear_token_logprobs": linear,
         "gae": [_rl("gae", b, t) for b, t in gae_shapes],
         "kl_penalty": [_rl("kl_penalty", 512, 2048, estimator=e) for e in ("k1", "k2", "k3")],
         "masked_whiten": [_rl("masked_whiten", 512, 2048)],
@@ -93,14 +96,22 @@ def full_cases() -> dict[str, list[Case]]:
 
 
 def quick_cases() -> dict[str, list[Case]]:
-    """A small sanity subset of every op (one or two shapes each)."""
+    """The GPU suite's subset (``--quick``): every op at the shapes its targets name, most important first
+    (a run that hits its time budget drops the tail)."""
     return {
         "token_logprobs": [
-            _tlp(8192, 151936, "bf16", "fwd+bwd"),
-            _tlp(4096, 32000, "bf16", "fwd"),
-            _tlp(4096, 32000, "fp32", "fwd+bwd", entropy=True),
+            _tlp(16384, 151936, "bf16", "fwd+bwd"),
+            _tlp(4096, 32000, "bf16", "fwd+bwd"),
+            _tlp(16384, 151936, "bf16", "fwd+bwd", entropy=True),
+            _tlp(4096, 32000, "fp32", "fwd+bwd"),
+            _tlp(16384, 151936, "bf16", "fwd"),
         ],
-        "linear_token_logprobs": [_lin(4096, 896, 151936, "fwd+bwd")],
+        "linear_token_logprobs": [
+            _lin(8192, 896, 151936, "fwd+bwd"),
+            _lin(8192, 4096, 128256, "fwd+bwd"),
+            _lin(8192, 896, 151936, "fwd+bwd", entropy=True),
+            _lin(8192, 896, 151936, "fwd"),
+        ],
         "gae": [_rl("gae", 512, 2048), _rl("gae", 64, 512)],
         "kl_penalty": [_rl("kl_penalty", 512, 2048, estimator="k3")],
         "masked_whiten": [_rl("masked_whiten", 512, 2048)],
@@ -139,8 +150,9 @@ def check_cases(op: str, dry: bool) -> list[Case]:
     if op == "token_logprobs":
         n, v = (8, 301) if dry else (2048, 32000)
         return [_tlp(n, v, dtype, "fwd+bwd", **ent) for ent in ({"entropy": True}, {}) for dtype in DTYPES]
-    if op == "linear_token_logprobs":
-        return [_lin(*((8, 16, 301) if dry else (1024, 896, 32000)), "fwd+bwd")]
+    if op == "linear_token_logprobs":  # a temperature checks the peers' folding of it into the hidden states
+        shape = (8, 16, 301) if dry else (1024, 896, 32000)
+        return [_lin(*shape, "fwd+bwd", temperature=0.7), _lin(*shape, "fwd+bwd", entropy=True)]
     b, t = (3, 37) if dry else (64, 512)
     if op == "kl_penalty":
         return [_rl(op, b, t, estimator=e) for e in ("k1", "k2", "k3")]

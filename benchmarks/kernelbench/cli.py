@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="output folder (default: $OUT if set, else benchmarks/results; dry run: a temp folder)",
     )
-    add("--quick", action="store_true", help="a small subset of cases, no torch.compile (sanity pass)")
+    add("--quick", action="store_true", help="the GPU suite's subset of cases, no torch.compile")
     add("--dry-run", action="store_true", help="CPU: every case at tiny sizes, each provider once")
     add("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU, tiny, the GPU code path
     add("--skip-peaks", action="store_true", help=argparse.SUPPRESS)  # for the CPU tests
@@ -84,6 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="largest T compiled for gae/ppo (default 2048, quick 512)",
     )
     add("--no-compile", action="store_true", help="skip the torch.compile provider")
+    add("--compile", action="store_true", help="with --quick: run the torch.compile provider too")
     add("--in-process", action="store_true", help="no worker processes (the dry run always is)")
     add("--merge", nargs="+", default=None, help="JSON reports to merge into one (no device needed)")
     # internal: worker mode (the orchestrator's own arguments, then these)
@@ -106,8 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.compile_backend = args.compile_backend or ("eager" if args.dry_run or args.smoke else "inductor")
     if args.gae_compile_max_t is None:
         args.gae_compile_max_t = 512 if args.quick else 2048
-    if args.quick and not args.dry_run:
-        args.no_compile = True  # compile times would dominate a sanity pass
+    if args.quick and not args.dry_run and not args.compile:
+        args.no_compile = True  # compile times would dominate a quick pass
     return args
 
 
@@ -123,6 +124,7 @@ def static_env(argv: Sequence[str]) -> dict[str, Any]:
         "transformers": dist_version("transformers"),
         "trl": dist_version("trl"),
         "liger_kernel": dist_version("liger-kernel") or dist_version("liger_kernel"),
+        "cut_cross_entropy": dist_version("cut-cross-entropy"),
         "fastrlhf": dist_version("fastrlhf"),
         "fastrlhf_import": ensure_fastrlhf_importable(),
         "argv": list(argv),

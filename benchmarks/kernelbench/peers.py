@@ -1,4 +1,5 @@
-"""The peers fastrlhf is compared with (TRL's and Liger-Kernel's fused kernels), found at run time.
+"""The peers fastrlhf is compared with (TRL's, Liger-Kernel's and Cut Cross-Entropy's fused kernels), found
+at run time.
 
 Each peer is imported once, lazily, and its outcome (source, version, why it is unavailable) is recorded.
 Each loader returns a function with the calling convention the providers expect.
@@ -98,12 +99,14 @@ def _trl_slot(name: str, position: int) -> str | None:
         return "none"
     if any(s in n for s in ("target", "label", "index", "ids")):
         return "ids"
-    if "temp" in n or "scale" in n:
+    if "temp" in n:
+        return "temperature"
+    if "scale" in n:
         return "one"
     if "chunk" in n:
         return "chunk"
     if n == "outputs":
-        return "no_outputs"
+        return "outputs"
     return None
 
 
@@ -134,11 +137,17 @@ def _load_trl_linear() -> Peer:
             break
         slots.append(slot)
 
-    def run(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def run(
+        hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float, entropy: bool
+    ) -> Any:
+        if entropy and "outputs" not in slots:
+            raise ValueError("this TRL version's ChunkedLogProbFunction has no entropy output")
         values = {"hidden": hidden, "weight": weight, "ids": ids, "none": None, "one": 1.0}
-        values.update(chunk=chunk, no_outputs=())
+        values.update(chunk=chunk, temperature=temperature, outputs=("entropy",) if entropy else ())
         out = cls.apply(*[values[s] for s in slots])
-        return out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(out, (tuple, list)):
+            return out
+        return (out[0], out[1]) if entropy else out[0]
 
     return Peer(run, source=source, note="; ".join(notes))
 
@@ -177,12 +186,28 @@ def _load_liger_flce() -> Peer:
     return Peer(run, source=source, note=f"liger-kernel {dist_version('liger-kernel')}")
 
 
+def _load_cce(filter_eps: str | None) -> Peer:
+    """Apple's Cut Cross-Entropy: ``linear_cross_entropy(e, c, targets, reduction="none", filter_eps=...)``
+    is the per-token cross-entropy of ``e @ c.T`` (never written to memory), i.e. minus the token log-prob.
+    ``filter_eps="high"`` is its default (skips vocabulary blocks whose softmax is below bf16 eps / 32 in the
+    backward); ``None`` computes the exact gradient, as fastrlhf does."""
+    fn, source = _import_first("cut-cross-entropy", [("cut_cross_entropy", "linear_cross_entropy")])
+
+    def run(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return -fn(hidden, weight, ids, reduction="none", filter_eps=filter_eps)
+
+    version = dist_version("cut-cross-entropy")
+    return Peer(run, source=source, note=f"cut-cross-entropy {version}; filter_eps={filter_eps!r}")
+
+
 LOADERS: dict[str, Callable[[], Peer]] = {
     "trl": _load_trl,
     "trl_linear": _load_trl_linear,
     "liger_selective": _load_liger_selective,
     "liger_ce": _load_liger_ce,
     "liger_flce": _load_liger_flce,
+    "cce": lambda: _load_cce("high"),
+    "cce_exact": lambda: _load_cce(None),
 }
 
 

@@ -23,6 +23,8 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
         "full_logits",
         "trl",
         "liger_flce",
+        "cce",
+        "cce_exact",
         "bare_gemm",
     ),
     **{op: ("fastrlhf", "eager", "compile") for op in RL_OPS},
@@ -34,14 +36,19 @@ PROVIDER_DOCS: dict[str, str] = {
     "compile": "torch.compile of the reference (default options: dynamic=None, so shapes go dynamic after "
     "the first recompile); compile time is excluded from the timing, failures are recorded",
     "trl": "TRL: trl.kernels.selective_log_softmax_and_entropy (token_logprobs; always computes entropy "
-    "too) / trl.kernels.ChunkedLogProbFunction with outputs=() (linear_token_logprobs)",
+    "too) / trl.kernels.ChunkedLogProbFunction with outputs=() or ('entropy',) (linear_token_logprobs)",
     "liger_selective": "Liger-Kernel liger_kernel.ops.grpo_loss.fused_selective_log_softmax: forward only "
     "(torch.no_grad), scores N-1 rows by design (drops the last position of the [1, N, V] view)",
     "liger_ce": "Liger-Kernel liger_kernel.transformers.functional.liger_cross_entropy(reduction='none'), "
     "logp = -loss; when logits require grad it computes the gradient in the forward, in place into the "
     "logits",
     "liger_flce": "Liger-Kernel liger_kernel.transformers.functional.liger_fused_linear_cross_entropy"
-    "(reduction='none'), logp = -loss",
+    "(reduction='none'), logp = -loss; a temperature is folded into the hidden states (hidden / T); no "
+    "entropy",
+    "cce": "Apple's Cut Cross-Entropy cut_cross_entropy.linear_cross_entropy(reduction='none') with its "
+    "default gradient filtering (filter_eps='high'), logp = -loss; a temperature is folded into the hidden "
+    "states (hidden / T); no entropy",
+    "cce_exact": "Cut Cross-Entropy as cce with filter_eps=None: the exact gradient, as fastrlhf computes it",
     "full_logits": "the full-logits path as Hugging Face models and TRL run it: logits = hidden @ weight.T "
     "in the inputs' dtype (bf16), then token_logprobs_reference (float32 log_softmax + gather)",
     "bare_gemm": "the GEMMs the fused linear op cannot avoid, torch.matmul in the inputs' dtype: fwd = the "
@@ -189,15 +196,27 @@ class Providers:
     def _linear_forward(self, provider: str, case: Case, inp: dict[str, torch.Tensor]) -> Forward:
         hidden, weight, ids, grad = inp["hidden"], inp["weight"], inp["ids"], inp["grad"]
         differentiable = {"wrt": (hidden, weight), "grad": grad}
+        temperature = float(case.opts.get("temperature", 1.0))
+        ent = bool(case.opts.get("entropy", False))
         if provider in ("fastrlhf", "eager", "compile"):
             fn = self._op(case.op, provider)
-            return Forward(lambda: fn(hidden, weight, ids), **differentiable)
+            options = {"temperature": temperature, "return_entropy": ent}
+            return Forward(lambda: fn(hidden, weight, ids, **options), **differentiable)
         if provider == "full_logits":
             ref = self._reference("token_logprobs")
-            return Forward(lambda: ref(hidden @ weight.t(), ids), **differentiable)
-        if provider in ("trl", "liger_flce"):
-            peer = self._peer("trl_linear" if provider == "trl" else provider)
-            return Forward(lambda: peer(hidden, weight, ids), **differentiable)
+            options = {"temperature": temperature, "return_entropy": ent}
+            return Forward(lambda: ref(hidden @ weight.t(), ids, **options), **differentiable)
+        if provider == "trl":
+            trl = self._peer("trl_linear")
+            return Forward(lambda: trl(hidden, weight, ids, temperature, ent), **differentiable)
+        if provider in ("liger_flce", "cce", "cce_exact"):
+            if ent:
+                raise Unavailable("no entropy output")
+            peer = self._peer(provider)
+            if temperature == 1.0:
+                return Forward(lambda: peer(hidden, weight, ids), **differentiable)
+            # softmax(h @ W.T / T) = softmax((h / T) @ W.T): the peers take no temperature
+            return Forward(lambda: peer(hidden / temperature, weight, ids), **differentiable)
         if provider == "bare_gemm":
             h, w = hidden.detach(), weight.detach()
             if case.mode == "fwd":

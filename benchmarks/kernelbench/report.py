@@ -207,7 +207,7 @@ def _op_section(report: dict[str, Any], op: str) -> list[str]:
         "% bf16 matmul peak" if gemm_op else "% copy peak",
     ]
     header += ["TFLOP/s", "vs eager"] + (
-        ["vs TRL"] if op == "token_logprobs" else ["÷ bare GEMM"] if gemm_op else []
+        ["vs TRL"] if op == "token_logprobs" else ["÷ bare GEMM", "÷ CCE"] if gemm_op else []
     )
     header += ["extra MiB", "extra excl. outputs MiB", "status"]
     cells, not_run = [], {}
@@ -226,7 +226,7 @@ def _op_section(report: dict[str, Any], op: str) -> list[str]:
         if op == "token_logprobs":
             row.append(_times(vs.get("trl")))
         elif gemm_op:
-            row.append(_num(1 / vs["bare_gemm"] if vs.get("bare_gemm") else None, ".2f"))
+            row += [_num(1 / vs[p] if vs.get(p) else None, ".2f") for p in ("bare_gemm", "cce")]
         status = (
             r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error') or r.get('note') or ''}"
         )
@@ -252,7 +252,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{env.get('date')} · torch {env.get('torch')} (CUDA {env.get('torch_cuda')}) · "
         f"triton {env.get('triton')} · "
         f"transformers {env.get('transformers')} · python {env.get('python')} · trl {env.get('trl')} · "
-        f"liger-kernel {env.get('liger_kernel')} · git {str(env.get('git_commit'))[:12]}"
+        f"liger-kernel {env.get('liger_kernel')} · cut-cross-entropy {env.get('cut_cross_entropy')} · "
+        f"git {str(env.get('git_commit'))[:12]}"
         f"{' (dirty)' if env.get('git_dirty') else ''} · kernels sha256 {env.get('kernels_sha256')}"
     )
     copy, mm = peaks.get("copy", {}), peaks.get("matmul_bf16", {})
