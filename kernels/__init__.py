@@ -7,8 +7,10 @@ implementation, and dispatch: CUDA tensors run Triton; CPU tensors run PyTorch u
 
 if __name__ == "fastrlhf.kernels":
     from .gae import gae
+    from .group_advantages import group_advantages
     from .kl_penalty import kl_penalty
     from .linear_token_logprobs import linear_token_logprobs
+    from .sample_tokens import sample_tokens
     from .shape_rewards import PPOAdvantages, ppo_advantages, shape_rewards
     from .token_logprobs import token_logprobs
     from .whiten import masked_mean, masked_var, masked_whiten
@@ -16,12 +18,14 @@ if __name__ == "fastrlhf.kernels":
     __all__ = [
         "PPOAdvantages",
         "gae",
+        "group_advantages",
         "kl_penalty",
         "linear_token_logprobs",
         "masked_mean",
         "masked_var",
         "masked_whiten",
         "ppo_advantages",
+        "sample_tokens",
         "shape_rewards",
         "token_logprobs",
     ]

@@ -2,15 +2,19 @@
 
 CUDA tensors run the Triton kernels. CPU tensors run the PyTorch path, unless ``TRITON_INTERPRET=1`` is set
 (Triton's interpreter then runs the kernels on CPU, which is how CI tests the Triton code). The documented
-override ``FASTRLHF_KERNELS=torch|triton`` forces one backend. Both are read at call time.
+override ``FASTRLHF_KERNELS=torch|triton`` forces one backend. Both are read at call time. Without Triton
+installed (macOS, Windows) every op runs its PyTorch path, and forcing ``triton`` is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
+
+from ._triton import HAS_TRITON
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -26,12 +30,27 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         raise ValueError(f"FASTRLHF_KERNELS must be 'torch' or 'triton', got {override!r}")
     if override == "torch":
         return False
+    if not HAS_TRITON:
+        if override == "triton":
+            raise ValueError(
+                "FASTRLHF_KERNELS=triton, but triton is not installed (it ships for Linux; "
+                "pip install triton): unset FASTRLHF_KERNELS or set it to 'torch'"
+            )
+        return False
     on_cuda = all(t.is_cuda for t in tensors)
     if override == "triton":
         if not (on_cuda or triton_interpreting()):
             raise ValueError("FASTRLHF_KERNELS=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         return True
     return on_cuda or triton_interpreting()
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s GPU the current device: Triton launches on the current device, not on the tensors' one.
+
+    Cheap when it already is current (no device switch), a no-op for CPU tensors (the interpreter).
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

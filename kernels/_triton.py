@@ -1,8 +1,9 @@
 """Triton when it is installed, a stand-in when it is not.
 
-Triton ships for Linux only. On macOS or Windows ``import fastrlhf.kernels`` must still work and every op runs
-its PyTorch path, so the kernel modules import ``triton`` and ``tl`` from here: without Triton, ``@triton.jit``
-still decorates (the kernel just cannot be launched) and any other use raises a clear ModuleNotFoundError.
+Triton ships for Linux only. On macOS or Windows ``import fastrlhf.kernels`` must still work and every op
+runs its PyTorch path, so the kernel modules import ``triton`` and ``tl`` from here: without Triton,
+``@triton.jit`` still decorates (the kernel just cannot be launched) and any other use raises a clear
+ModuleNotFoundError.
 """
 
 from __future__ import annotations

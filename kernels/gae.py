@@ -23,10 +23,9 @@ from __future__ import annotations
 import numbers
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import check_float, check_mask, check_same_device, check_same_shape, use_triton
+from ._backend import check_float, check_mask, check_same_device, check_same_shape, device_guard, use_triton
+from ._triton import tl, triton
 
 # Largest T-block. A module attribute so tests can shrink it to exercise the cross-block carry.
 _MAX_BLOCK_T = 1024
@@ -94,7 +93,9 @@ def gae_block(r, v, m, n_in, c_in, gamma, gamma_lam, BLOCK: tl.constexpr):
     return adv, n_out, c_out
 
 
-@triton.jit
+# T and the strides only index memory; specializing on their 16-divisibility would recompile per response
+# length for nothing (the reversed loads are scalar either way).
+@triton.jit(do_not_specialize=["T", "stride_r", "stride_v", "stride_m", "stride_out"])
 def _gae_kernel(
     r_ptr,
     v_ptr,
@@ -143,22 +144,23 @@ def _gae_triton(
         return adv, ret
     r, v, m = rows_unit_stride(rewards), rows_unit_stride(values), rows_unit_stride(mask)
     block, warps = row_launch_config(T)
-    _gae_kernel[(B,)](
-        r,
-        v,
-        m,
-        adv,
-        ret,
-        T,
-        r.stride(0),
-        v.stride(0),
-        m.stride(0),
-        adv.stride(0),
-        gamma,
-        gamma * lam,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    with device_guard(adv):
+        _gae_kernel[(B,)](
+            r,
+            v,
+            m,
+            adv,
+            ret,
+            T,
+            r.stride(0),
+            v.stride(0),
+            m.stride(0),
+            adv.stride(0),
+            gamma,
+            gamma * lam,
+            BLOCK=block,
+            num_warps=warps,
+        )
     return adv, ret
 
 

@@ -14,10 +14,9 @@ truncation error is below fp32 resolution there; outside that range the closed f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import check_float, check_same_device, check_same_shape, use_triton
+from ._backend import check_float, check_same_device, check_same_shape, device_guard, use_triton
+from ._triton import tl, triton
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -74,16 +73,54 @@ def _kl_derivative(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(logp_ptr, ref_ptr, out_ptr, n, ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 offsets: flattened [B, T] (or [B, T, k]) tensors can exceed 2**31 elements.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, kl_value(logp - ref, ESTIMATOR), mask=inb)
+def _load_f32(ptr, offs, inb, MASKED: tl.constexpr):
+    # Only the last block is masked: the others then load in 16-byte vectors whatever n is.
+    x = tl.load(ptr + offs, mask=inb, other=0.0) if MASKED else tl.load(ptr + offs)
+    return x.to(tl.float32)
 
 
 @triton.jit
+def _store(ptr, offs, value, inb, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=inb)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _kl_fwd_block(logp_ptr, ref_ptr, out_ptr, offs, inb, ESTIMATOR: tl.constexpr, MASKED: tl.constexpr):
+    d = _load_f32(logp_ptr, offs, inb, MASKED) - _load_f32(ref_ptr, offs, inb, MASKED)
+    _store(out_ptr, offs, kl_value(d, ESTIMATOR), inb, MASKED)
+
+
+# n only bounds the last block, so it is not specialized (its 16-divisibility would only cost compiles).
+@triton.jit(do_not_specialize=["n"])
+def _kl_fwd_kernel(logp_ptr, ref_ptr, out_ptr, n, ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
+    # int64 offsets: flattened [B, T] (or [B, T, k]) tensors can exceed 2**31 elements.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    inb = offs < n
+    if start + BLOCK <= n:
+        _kl_fwd_block(logp_ptr, ref_ptr, out_ptr, offs, inb, ESTIMATOR, False)
+    else:
+        _kl_fwd_block(logp_ptr, ref_ptr, out_ptr, offs, inb, ESTIMATOR, True)
+
+
+@triton.jit
+def _kl_bwd_block(
+    grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, offs, inb,
+    ESTIMATOR: tl.constexpr, NEED_LOGP: tl.constexpr, NEED_REF: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    d = _load_f32(logp_ptr, offs, inb, MASKED) - _load_f32(ref_ptr, offs, inb, MASKED)
+    g = _load_f32(grad_ptr, offs, inb, MASKED) * _kl_derivative(d, ESTIMATOR)
+    # Each gradient comes back in its input's dtype.
+    if NEED_LOGP:
+        _store(dlogp_ptr, offs, g, inb, MASKED)
+    if NEED_REF:
+        _store(dref_ptr, offs, -g, inb, MASKED)
+
+
+@triton.jit(do_not_specialize=["n"])
 def _kl_bwd_kernel(
     grad_ptr,
     logp_ptr,
@@ -96,17 +133,14 @@ def _kl_bwd_kernel(
     NEED_REF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     inb = offs < n
-    grad = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    g = grad * _kl_derivative(logp - ref, ESTIMATOR)
-    # Each gradient comes back in its input's dtype.
-    if NEED_LOGP:
-        tl.store(dlogp_ptr + offs, g.to(dlogp_ptr.dtype.element_ty), mask=inb)
-    if NEED_REF:
-        tl.store(dref_ptr + offs, (-g).to(dref_ptr.dtype.element_ty), mask=inb)
+    ptrs = (grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr)
+    if start + BLOCK <= n:
+        _kl_bwd_block(*ptrs, offs, inb, ESTIMATOR, NEED_LOGP, NEED_REF, False)
+    else:
+        _kl_bwd_block(*ptrs, offs, inb, ESTIMATOR, NEED_LOGP, NEED_REF, True)
 
 
 def _kl_fwd_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -115,9 +149,10 @@ def _kl_fwd_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -
     out = torch.empty(lp.shape, dtype=torch.float32, device=lp.device)
     n = lp.numel()
     if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            lp, rl, out, n, ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
+        with device_guard(lp):
+            _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+                lp, rl, out, n, ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            )
     return out.view(logp.shape)
 
 
@@ -129,19 +164,20 @@ def _kl_bwd_triton(
     dref = torch.empty_like(rl) if need[1] else None
     n = lp.numel()
     if n:
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            gr,
-            lp,
-            rl,
-            dlogp if dlogp is not None else lp,  # dummy pointer, never written (NEED_* is False)
-            dref if dref is not None else rl,
-            n,
-            ESTIMATOR=estimator,
-            NEED_LOGP=need[0],
-            NEED_REF=need[1],
-            BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
-        )
+        with device_guard(lp):
+            _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+                gr,
+                lp,
+                rl,
+                dlogp if dlogp is not None else lp,  # dummy pointer, never written (NEED_* is False)
+                dref if dref is not None else rl,
+                n,
+                ESTIMATOR=estimator,
+                NEED_LOGP=need[0],
+                NEED_REF=need[1],
+                BLOCK=_BLOCK,
+                num_warps=_NUM_WARPS,
+            )
     return (
         dlogp.view(logp.shape) if dlogp is not None else None,
         dref.view(ref_logp.shape) if dref is not None else None,

@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import check_float, check_mask, check_same_device, check_same_shape, use_triton
+from ._backend import check_float, check_mask, check_same_device, check_same_shape, device_guard, use_triton
+from ._triton import tl, triton
 from .gae import _gae_loop as gae_loop
 from .gae import check_2d, check_unit_interval, gae_block, gae_reference, row_launch_config, rows_unit_stride
 from .kl_penalty import check_estimator, kl_penalty_reference, kl_value, kl_value_torch
@@ -36,7 +35,7 @@ class PPOAdvantages(NamedTuple):
 # --------------------------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_lp", "stride_ref", "stride_v", "stride_m", "stride_out"])
 def _ppo_rows_kernel(
     scores_ptr,
     logp_ptr,
@@ -96,8 +95,11 @@ def _ppo_rows_kernel(
 
 
 def _kl_coef_tensor(kl_coef: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(kl_coef, torch.Tensor):
-        return kl_coef.detach().to(device=device, dtype=torch.float32).reshape(1)
+    """kl_coef as a [1] fp32 tensor on ``device``, without a host sync whatever form it comes in."""
+    if isinstance(kl_coef, torch.Tensor) and kl_coef.device == device:
+        return kl_coef.detach().to(torch.float32).reshape(1)
+    # A Python float, or a CPU tensor beside device inputs: read on the host (free for a CPU tensor) and
+    # filled on the device. Copying the CPU tensor over instead would be a blocking pageable-memory copy.
     return torch.full((1,), float(kl_coef), dtype=torch.float32, device=device)
 
 
@@ -112,30 +114,31 @@ def _ppo_rows_triton(scores, logp, ref_logp, values, mask, kl_coef, estimator, g
     lp, rl, m = rows_unit_stride(logp), rows_unit_stride(ref_logp), rows_unit_stride(mask)
     v = rows_unit_stride(values) if with_gae else lp
     block, warps = row_launch_config(T)
-    _ppo_rows_kernel[(B,)](
-        scores.contiguous(),
-        lp,
-        rl,
-        v,
-        m,
-        _kl_coef_tensor(kl_coef, dev),
-        kl,
-        rew,
-        adv,
-        ret,
-        T,
-        lp.stride(0),
-        rl.stride(0),
-        v.stride(0),
-        m.stride(0),
-        rew.stride(0),
-        gamma,
-        gamma * lam,
-        ESTIMATOR=estimator,
-        WITH_GAE=with_gae,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    with device_guard(lp):
+        _ppo_rows_kernel[(B,)](
+            scores.contiguous(),
+            lp,
+            rl,
+            v,
+            m,
+            _kl_coef_tensor(kl_coef, dev),
+            kl,
+            rew,
+            adv,
+            ret,
+            T,
+            lp.stride(0),
+            rl.stride(0),
+            v.stride(0),
+            m.stride(0),
+            rew.stride(0),
+            gamma,
+            gamma * lam,
+            ESTIMATOR=estimator,
+            WITH_GAE=with_gae,
+            BLOCK=block,
+            num_warps=warps,
+        )
     return outs
 
 
@@ -181,7 +184,7 @@ def _check_args(scores, logp, ref_logp, mask, kl_coef, estimator, *, reference=F
             raise ValueError(
                 f"kl_coef must be a Python float or a 0-d tensor, got shape {tuple(kl_coef.shape)}"
             )
-        # A CPU scalar is accepted beside CUDA inputs (copied over without a sync), as torch does.
+        # A CPU scalar is accepted beside CUDA inputs (read on the host, no device sync), as torch does.
         on = {"kl_coef": kl_coef} if kl_coef.device.type != "cpu" else {}
         check_same_device(scores=scores, logp=logp, ref_logp=ref_logp, mask=mask, **on)
     else:

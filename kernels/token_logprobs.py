@@ -13,18 +13,20 @@ Per row, with c = 1/temperature, z = c*x, p = softmax(z), t = the target id:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._backend import check_float, check_same_device, check_temperature, use_triton
+from ._backend import check_float, check_same_device, check_temperature, device_guard, use_triton
+from ._triton import tl, triton
 
 # Largest V-block one program holds in registers. Tests lower it to cross several blocks at small V.
 MAX_BLOCK_V = 4096
+# Tiles in flight in the forward's pipelined loop: 3 x 4096 x 2 bytes is 24 KB of shared memory for bf16.
+_FWD_STAGES = 3
 # The torch path works on row chunks of about this many elements, so it never holds an [N, V] fp32 copy.
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -40,14 +42,54 @@ class _Config:
 
 
 @triton.jit
+def _lse_update(x, m, s, t, c, WITH_ENT: tl.constexpr):
+    """Folds one tile of fp32 logits into the running (max, sum of exp, sum of exp * shifted z)."""
+    neg_inf = float("-inf")
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every logit so far is -inf there is nothing to shift by; 0 keeps the arithmetic NaN-free.
+    m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+    alpha = tl.exp((m - m_ref) * c)
+    d = (x - m_ref) * c
+    e = tl.exp(d)
+    if WITH_ENT:
+        # Re-centre the running sum of e*d on the new max: e' = e*alpha and d' = d + shift.
+        shift = tl.where(m == neg_inf, 0.0, (m - m_ref) * c)
+        t = alpha * (t + shift * s) + tl.sum(e * tl.where(x == neg_inf, 0.0, d), axis=0)
+    s = alpha * s + tl.sum(e, axis=0)
+    return m_new, s, t
+
+
+@triton.jit
+def _rotated_cols(j, head, V):
+    """Column of logical index j in [0, V) when the columns are rotated left by head (0 if head >= V).
+
+    The aligned tiles cover columns [head, head + k * BLOCK_V); the rotation hands the columns left over on
+    both sides of them, [head + k * BLOCK_V, V) and [0, head), to the masked tail tiles.
+    """
+    rot = tl.where(head < V, head, 0)
+    cols = j + rot
+    return tl.where(cols >= V, cols - V, cols)
+
+
+# Sizes and strides only index memory: a fresh compile whenever one changed its 16-divisibility (ragged
+# chunks, varying T) would buy nothing, because the loads align themselves (see `head` below). V stays
+# specialized; it bounds the loops.
+@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "N", "x_shift"])
 def _token_logprobs_fwd_kernel(
     x_ptr, ids_ptr, logp_ptr, ent_ptr, stats_ptr,
-    T, stride_b, stride_t, N, V, inv_temp,
-    WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    T, stride_b, stride_t, N, V, x_shift, inv_temp,
+    WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // T
-    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    # Element offset of the row from x_ptr, which the launcher points at a 16-byte boundary.
+    row_off = x_shift + b * stride_b + (row - b * T) * stride_t
+    x_row = x_ptr + row_off
+    # The first 16-byte boundary of the row, written as a multiple of VEC so the compiler can prove it: the
+    # full tiles from there load without a mask in 16-byte vectors, whatever V and the strides are.
+    aligned = (row_off + VEC - 1) // VEC * VEC
+    head = aligned - row_off
+    n_full = tl.maximum(V - head, 0) // BLOCK_V * BLOCK_V
     # An explicit cast keeps the math fp32 even if a caller (torch.compile) hands the scalar over as fp64.
     c = tl.cast(inv_temp, tl.float32)
     offs = tl.arange(0, BLOCK_V)
@@ -55,21 +97,16 @@ def _token_logprobs_fwd_kernel(
     m = tl.full((), neg_inf, tl.float32)  # running max of the raw logits
     s = tl.zeros((), tl.float32)  # sum exp((x - m) * c)
     t = tl.zeros((), tl.float32)  # sum exp((x - m) * c) * (x - m) * c
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = tl.load(x_row + cols, mask=cols < V, other=neg_inf).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit so far is -inf there is nothing to shift by; 0 keeps the arithmetic NaN-free.
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp((m - m_ref) * c)
-        d = (x - m_ref) * c
-        e = tl.exp(d)
-        if WITH_ENT:
-            # Re-centre the running sum of e*d on the new max: e' = e*alpha and d' = d + shift.
-            shift = tl.where(m == neg_inf, 0.0, (m - m_ref) * c)
-            t = alpha * (t + shift * s) + tl.sum(e * tl.where(x == neg_inf, 0.0, d), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
+    # Software-pipelined (cp.async ring on sm_80+): the next tiles load while this one is reduced.
+    for start in tl.range(0, n_full, BLOCK_V, num_stages=NUM_STAGES):
+        x = tl.load(x_ptr + aligned + start + offs).to(tl.float32)
+        m, s, t = _lse_update(x, m, s, t, c, WITH_ENT)
+    # At most two masked tiles: the columns left over after the aligned ones, and the head.
+    for start in range(n_full, V, BLOCK_V):
+        j = start + offs
+        cols = _rotated_cols(j, head, V)
+        x = tl.load(x_row + cols, mask=j < V, other=neg_inf).to(tl.float32)
+        m, s, t = _lse_update(x, m, s, t, c, WITH_ENT)
     logs = tl.log(s)
     tid = tl.load(ids_ptr + row)
     valid = (tid >= 0) & (tid < V)
@@ -84,35 +121,62 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
+def _logits_grad(x, cols, tid, g_lp, g_ent, m, logs, mu, c, HAS_ENT: tl.constexpr):
+    neg_inf = float("-inf")
+    d = (x - m) * c
+    p = tl.exp(d - logs)
+    coef = g_lp
+    if HAS_ENT:
+        # p == 0 at -inf logits; zeroing d - mu there avoids 0 * inf.
+        coef += g_ent * tl.where(x == neg_inf, 0.0, d - mu)
+    return (tl.where(cols == tid, g_lp, 0.0) - p * coef) * c
+
+
+@triton.jit(
+    do_not_specialize=["T", "stride_xb", "stride_xt", "stride_ob", "stride_ot", "N", "x_shift", "out_shift"]
+)
 def _token_logprobs_bwd_kernel(
     x_ptr, out_ptr, ids_ptr, stats_ptr, glp_ptr, gent_ptr,
-    T, stride_xb, stride_xt, stride_ob, stride_ot, N, V, inv_temp,
-    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    T, stride_xb, stride_xt, stride_ob, stride_ot, N, V, x_shift, out_shift, inv_temp,
+    HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, OUT_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = cols < V
+    start = tl.program_id(1) * BLOCK_V
+    offs = tl.arange(0, BLOCK_V)
     b = row // T
     t_ = row - b * T
+    x_off = x_shift + b * stride_xb + t_ * stride_xt
+    out_off = out_shift + b * stride_ob + t_ * stride_ot
+    aligned = (x_off + VEC - 1) // VEC * VEC  # as in the forward
+    head = aligned - x_off
     c = tl.cast(inv_temp, tl.float32)
-    neg_inf = float("-inf")
     m = tl.load(stats_ptr + row)
     logs = tl.load(stats_ptr + N + row)
     tid = tl.load(ids_ptr + row)
     # An out-of-range id makes logp a NaN constant: its gradient term is dropped, whatever flows back into it.
     g_lp = tl.where((tid >= 0) & (tid < V), tl.load(glp_ptr + row), 0.0)
-    x = tl.load(x_ptr + b * stride_xb + t_ * stride_xt + cols, mask=mask, other=neg_inf).to(tl.float32)
-    d = (x - m) * c
-    p = tl.exp(d - logs)
+    mu = 0.0
+    g_ent = 0.0
     if HAS_ENT:
         mu = tl.load(stats_ptr + 2 * N + row)
         g_ent = tl.load(gent_ptr + row)
-        # p == 0 at -inf logits; zeroing d - mu there avoids 0 * inf.
-        coef = g_lp + g_ent * tl.where(x == neg_inf, 0.0, d - mu)
+    if start + BLOCK_V + head <= V:
+        # A full tile from the row's first 16-byte boundary: unmasked, vectorized.
+        cols = start + head + offs
+        x = tl.load(x_ptr + aligned + start + offs).to(tl.float32)
+        grad = _logits_grad(x, cols, tid, g_lp, g_ent, m, logs, mu, c, HAS_ENT).to(out_ptr.dtype.element_ty)
+        if OUT_ALIGNED:
+            # The launcher checked that out's rows sit at x's offsets modulo VEC: this is out_off + head.
+            tl.store(out_ptr + (out_off + VEC - 1) // VEC * VEC + start + offs, grad)
+        else:
+            tl.store(out_ptr + out_off + cols, grad)
     else:
-        coef = g_lp
-    grad = (tl.where(cols == tid, g_lp, 0.0) - p * coef) * c
-    tl.store(out_ptr + b * stride_ob + t_ * stride_ot + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        j = start + offs
+        mask = j < V
+        cols = _rotated_cols(j, head, V)
+        x = tl.load(x_ptr + x_off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        grad = _logits_grad(x, cols, tid, g_lp, g_ent, m, logs, mu, c, HAS_ENT).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_off + cols, grad, mask=mask)
 
 
 def _launch_config(V: int) -> tuple[int, int]:
@@ -120,6 +184,20 @@ def _launch_config(V: int) -> tuple[int, int]:
     # (about 50 registers) and enough loads in flight to keep HBM busy. Narrow vocabularies get fewer warps.
     block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     return block, min(8, max(1, block // 512))
+
+
+def _aligned_base(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(a tensor starting at t's 16-byte boundary at or before t's data, t's offset from it, VEC).
+
+    VEC is how many elements make 16 bytes. The kernels index from the returned base and align their loads
+    themselves; a storage that does not itself start on a 16-byte boundary gets VEC = 1 (no alignment).
+    """
+    size = t.element_size()
+    if t.untyped_storage().data_ptr() % 16 or 16 % size:
+        return t, 0, 1
+    vec = 16 // size
+    shift = t.storage_offset() % vec
+    return t.as_strided((1,), (1,), t.storage_offset() - shift), shift, vec
 
 
 # ------------------------------------------------------------------------------------- torch implementation
@@ -212,11 +290,13 @@ def _forward(
         return logp, ent, stats
     if use_tt:
         block, warps = _launch_config(V)
-        _token_logprobs_fwd_kernel[(N,)](
-            x3, ids, logp, ent if with_ent else logp, stats,
-            T, x3.stride(0), x3.stride(1), N, V, inv_temp,
-            WITH_ENT=with_ent, BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+        x_base, x_shift, vec = _aligned_base(x3)
+        with device_guard(x3):
+            _token_logprobs_fwd_kernel[(N,)](
+                x_base, ids, logp, ent if with_ent else logp, stats,
+                T, x3.stride(0), x3.stride(1), N, V, x_shift, inv_temp,
+                WITH_ENT=with_ent, BLOCK_V=block, VEC=vec, NUM_STAGES=_FWD_STAGES, num_warps=warps,
+            )  # fmt: skip
         return logp, ent, stats
     for b, t0, t1, r0 in _row_chunks(B, T, V):
         r1 = r0 + t1 - t0
@@ -244,17 +324,49 @@ def _backward(
         return
     if use_tt:
         block, warps = _launch_config(V)
-        _token_logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
-            x3, out3, ids, stats, g_lp, g_lp if g_ent is None else g_ent,
-            T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), N, V, inv_temp,
-            HAS_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+        x_base, x_shift, vec = _aligned_base(x3)
+        out_base, out_shift, out_vec = _aligned_base(out3)
+        # Full tiles store in 16-byte vectors only if every row of out sits where x's does, modulo VEC.
+        out_aligned = out_vec == vec > 1 and (out_shift - x_shift) % vec == 0
+        out_aligned &= B == 1 or (out3.stride(0) - x3.stride(0)) % vec == 0
+        out_aligned &= T == 1 or (out3.stride(1) - x3.stride(1)) % vec == 0
+        with device_guard(x3):
+            _token_logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
+                x_base, out_base, ids, stats, g_lp, g_lp if g_ent is None else g_ent,
+                T, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), N, V, x_shift, out_shift,
+                inv_temp,
+                HAS_ENT=g_ent is not None, BLOCK_V=block, VEC=vec, OUT_ALIGNED=out_aligned, num_warps=warps,
+            )  # fmt: skip
         return
     for b, t0, t1, r0 in _row_chunks(B, T, V):
         r1 = r0 + t1 - t0
         ge = None if g_ent is None else g_ent[r0:r1]
         grad = _torch_bwd_rows(x3[b, t0:t1], ids[r0:r1], stats[:, r0:r1], g_lp[r0:r1], ge, inv_temp)
         out3[b, t0:t1].copy_(grad)
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    return all(st >= prev_st * prev_n for (prev_st, prev_n), (st, _) in itertools.pairwise(dims))
+
+
+def _grad_buffer(
+    x3: torch.Tensor, shape: torch.Size, view_strides: tuple[int, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialized gradient for the logits: (its [B, T, V] view for the kernels, its logits-shaped view).
+
+    Laid out like x3 (same strides and offset modulo 16 bytes) when x3 views the logits in place with
+    little slack, e.g. ``logits[:, :-1]``: then the Triton backward's stores align exactly like its loads
+    even when V is not a multiple of 16. Otherwise contiguous.
+    """
+    if view_strides is not None and x3.numel() and _non_overlapping(x3):
+        _, shift, vec = _aligned_base(x3)
+        span = 1 + sum((n - 1) * st for n, st in zip(x3.shape, x3.stride(), strict=True))
+        if vec > 1 and (shift or not x3.is_contiguous()) and span <= x3.numel() + x3.numel() // 16:
+            buf = torch.empty(shift + span, dtype=x3.dtype, device=x3.device)
+            return buf.as_strided(x3.shape, x3.stride(), shift), buf.as_strided(shape, view_strides, shift)
+    out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+    return out, out.view(shape)
 
 
 def _flat_grad(g: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -270,6 +382,8 @@ class _TokenLogprobs(torch.autograd.Function):
         logp, ent, stats = _forward(x3, ids1, cfg.inv_temp, cfg.with_entropy, cfg.triton)
         ctx.save_for_backward(x3, ids1, stats)
         ctx.cfg, ctx.shape = cfg, logits.shape
+        # x3 reads the logits in place: their strides say how to view a gradient laid out like x3.
+        ctx.view_strides = logits.stride() if x3.data_ptr() == logits.data_ptr() else None
         ctx.set_materialize_grads(False)
         if cfg.with_entropy:
             return logp.view(ids.shape), ent.view(ids.shape)
@@ -285,10 +399,10 @@ class _TokenLogprobs(torch.autograd.Function):
         g_lp = _flat_grad(g_lp, N)
         if g_lp is None:
             g_lp = torch.zeros(N, dtype=torch.float32, device=stats.device)
-        out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
         cfg = ctx.cfg
-        _backward(x3, ids, stats, g_lp, _flat_grad(g_ent, N), cfg.inv_temp, out, cfg.triton)
-        return out.view(ctx.shape), None, None
+        out3, grad = _grad_buffer(x3, ctx.shape, ctx.view_strides if cfg.triton else None)
+        _backward(x3, ids, stats, g_lp, _flat_grad(g_ent, N), cfg.inv_temp, out3, cfg.triton)
+        return grad, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public API

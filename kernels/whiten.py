@@ -22,10 +22,9 @@ from __future__ import annotations
 import numbers
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import check_float, check_mask, check_same_device, use_triton
+from ._backend import check_float, check_mask, check_same_device, device_guard, use_triton
+from ._triton import tl, triton
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -47,7 +46,8 @@ def _check_args(x: torch.Tensor, mask: torch.Tensor, *, reference: bool = False)
 # --------------------------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+# N only bounds the tiles (and num_parts the finalize's one tile): no recompile per size.
+@triton.jit(do_not_specialize=["N"])
 def _partial_stats_kernel(x_ptr, m_ptr, part_n_ptr, part_mean_ptr, part_m2_ptr, N, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -86,7 +86,7 @@ def _partial_stats_kernel(x_ptr, m_ptr, part_n_ptr, part_mean_ptr, part_m2_ptr, 
     tl.store(part_m2_ptr + pid, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _finalize_stats_kernel(
     part_n_ptr,
     part_mean_ptr,
@@ -117,17 +117,37 @@ def _finalize_stats_kernel(
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, m_ptr, out_ptr, stats_ptr, N, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    counted = tl.load(m_ptr + offs, mask=inb, other=0) != 0
-    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    mean = tl.load(stats_ptr)
-    rstd = tl.load(stats_ptr + 2)
+def _normalize_block(
+    x_ptr, m_ptr, out_ptr, offs, inb, mean, rstd, SHIFT_MEAN: tl.constexpr, MASKED: tl.constexpr
+):
+    # Unmasked full blocks load and store in 16-byte vectors whatever N is; only the last block is masked.
+    if MASKED:
+        counted = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+        x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    else:
+        counted = tl.load(m_ptr + offs) != 0
+        x = tl.load(x_ptr + offs).to(tl.float32)
     y = (x - mean) * rstd
     if not SHIFT_MEAN:
         y += mean
-    tl.store(out_ptr + offs, tl.where(counted, y, 0.0), mask=inb)
+    y = tl.where(counted, y, 0.0)
+    if MASKED:
+        tl.store(out_ptr + offs, y, mask=inb)
+    else:
+        tl.store(out_ptr + offs, y)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _normalize_kernel(x_ptr, m_ptr, out_ptr, stats_ptr, N, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    inb = offs < N
+    mean = tl.load(stats_ptr)
+    rstd = tl.load(stats_ptr + 2)
+    if start + BLOCK <= N:
+        _normalize_block(x_ptr, m_ptr, out_ptr, offs, inb, mean, rstd, SHIFT_MEAN, False)
+    else:
+        _normalize_block(x_ptr, m_ptr, out_ptr, offs, inb, mean, rstd, SHIFT_MEAN, True)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -145,20 +165,21 @@ def _stats_flat(xf: torch.Tensor, mf: torch.Tensor, correction: int, eps: float)
     programs = max(1, min(triton.cdiv(N, _BLOCK), _MAX_PROGRAMS))
     parts = torch.empty((3, programs), dtype=torch.float32, device=xf.device)
     stats = torch.empty(_STATS, dtype=torch.float32, device=xf.device)
-    _partial_stats_kernel[(programs,)](
-        xf, mf, parts[0], parts[1], parts[2], N, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-    )
-    _finalize_stats_kernel[(1,)](
-        parts[0],
-        parts[1],
-        parts[2],
-        programs,
-        stats,
-        eps,
-        CORRECTION=correction,
-        BLOCK=triton.next_power_of_2(programs),
-        num_warps=4,
-    )
+    with device_guard(xf):
+        _partial_stats_kernel[(programs,)](
+            xf, mf, parts[0], parts[1], parts[2], N, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
+        _finalize_stats_kernel[(1,)](
+            parts[0],
+            parts[1],
+            parts[2],
+            programs,
+            stats,
+            eps,
+            CORRECTION=correction,
+            BLOCK=triton.next_power_of_2(programs),
+            num_warps=4,
+        )
     return stats
 
 
@@ -171,9 +192,10 @@ def whiten_triton(
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
     N = xf.numel()
     if N:
-        _normalize_kernel[(triton.cdiv(N, _BLOCK),)](
-            xf, mf, out.view(-1), stats, N, SHIFT_MEAN=shift_mean, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
+        with device_guard(xf):
+            _normalize_kernel[(triton.cdiv(N, _BLOCK),)](
+                xf, mf, out.view(-1), stats, N, SHIFT_MEAN=shift_mean, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            )
     return out
 
 

@@ -88,10 +88,10 @@ def test_identical_inputs_give_exact_zero(backend, estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "logp", "ref"])
 def test_gradients(backend, estimator, needs):
-    logp, ref_logp = sample((3, 45), spread=3.0)
+    logp, ref_logp = sample((3, 451), spread=3.0)  # one full block of 1024 and a masked one
     logp.requires_grad_(needs[0])
     ref_logp.requires_grad_(needs[1])
-    upstream = torch.randn(3, 45)
+    upstream = torch.randn(3, 451)
     kl_penalty(logp, ref_logp, estimator=estimator).backward(upstream)
 
     logp64 = logp.detach().double().requires_grad_(needs[0])

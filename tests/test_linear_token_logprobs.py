@@ -22,7 +22,7 @@ GRAD_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 def small_tiles(dtype, backward, capability):
-    """Tiles near tl.dot's minimum of 16, so the interpreter crosses many token blocks and vocabulary tiles."""
+    """Tiles near tl.dot's minimum of 16: the interpreter crosses many token blocks and vocabulary tiles."""
     return lin._Tiles(16, 32, 16, num_warps=1, num_stages=1)
 
 
