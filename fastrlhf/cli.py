@@ -25,7 +25,9 @@ COMMANDS = {
     "ppo": "PPO with a critic and a per-token KL penalty",
     "pipeline": "SFT -> RM -> PPO, plus further RM/PPO rounds on new comparisons",
     "sample": "write K samples per prompt from a model, for labelers to rank",
+    "judge": "rank `sample` output with a local LLM judge (both orders, answer-token log-probs)",
     "demo": "the whole pipeline on a toy task with a known gold reward, nothing downloaded",
+    "rank": "a ranking page on localhost for people to rank `sample` output (--report: their agreement)",
 }
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--prompts", required=True, help="prompt file (JSONL or .txt)")
             p.add_argument("--out", required=True, help="output JSONL of prompt/responses")
             p.add_argument("--k", type=int, default=4, help="responses per prompt")
+        if name == "rank":
+            p.add_argument("--report", action="store_true", help="print inter-labeler agreement of --out")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
 
@@ -93,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         from fastrlhf.pipeline import PipelineConfig
 
         cls = PipelineConfig
+    elif args.command == "rank":
+        from fastrlhf.rank import RankConfig
+
+        cls = RankConfig
+    elif args.command == "judge":
+        from fastrlhf.config import JudgeConfig
+
+        cls = JudgeConfig
     else:
         cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": PPOConfig}[args.command]
     if args.list_options:
@@ -129,6 +141,14 @@ def _run(args: argparse.Namespace, cfg) -> int:
         from fastrlhf.pipeline import run_pipeline
 
         print(json.dumps(run_pipeline(cfg, more_rankings=args.more_rankings), indent=2))
+    elif args.command == "rank":
+        from fastrlhf.rank import run_rank
+
+        return run_rank(cfg, show_report=args.report)
+    elif args.command == "judge":
+        from fastrlhf.judge import judge_file
+
+        print(f"rankings written to {judge_file(cfg)[0]}")
     elif args.command == "sample":
         from fastrlhf.pipeline import sample_for_labeling
 

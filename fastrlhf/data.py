@@ -4,9 +4,15 @@ Formats (JSON Lines, one object per line; blank lines are skipped):
 
 * SFT: ``{"prompt": P, "completion": "..."}``. TRL's conversational variant, where ``completion`` is a list
   holding one assistant message, is accepted and reduced to that message's content.
-* Rankings: TRL pairs ``{"prompt": P, "chosen": "...", "rejected": "..."}`` (a ranking with K=2) and K-way
-  ``{"prompt": P, "responses": [...], "ranking": [2, 0, 1]}`` where ``ranking`` lists response indices
-  best-first. Both may be mixed in one file. Ties are not representable, as in InstructGPT.
+* Rankings: K-way ``{"prompt": P, "responses": [...], "ranking": [2, 0, 1]}`` where ``ranking`` lists
+  response indices best-first, with optional ``"ties": [[0, 1], ...]`` (disjoint groups judged equal: their
+  pairs are dropped, as InstructGPT did), ``"status"`` (only "ranked" records train; "cannot_rank" and
+  "skipped" ones are skipped) and ``"pairwise_probs"`` (a judge's [K][K] P(i better than j), for
+  ``RMConfig.soft_targets``). Also read natively, and mixable in one file: TRL's ``prompt/chosen/rejected``
+  (strings or chat messages, with or without the prompt), Anthropic HH-RLHF transcripts, UltraFeedback's
+  ``completions`` with ratings and OpenAssistant's ranked replies (flat message rows or trees); see
+  :mod:`fastrlhf.preference_formats`.
+* Samples to rank (``fastrlhf sample`` output): ``{"prompt": P, "responses": [...]}`` with an optional ``id``.
 * Prompts: ``.jsonl`` records with ``prompt``, or ``.txt`` with one prompt per non-empty line.
 
 A prompt ``P`` is a string or a chat: a list of ``{"role": ..., "content": ...}`` messages.
@@ -17,6 +23,7 @@ load time with a message that points at the fix rather than deep inside a traini
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -62,6 +69,27 @@ class Ranking:
     ranking: list[int]
     line: int | str | None = field(default=None, compare=False)
     """Where the record came from (1-based line, or dataset row), for error reports."""
+    ties: list[list[int]] = field(default_factory=list)
+    """Disjoint groups of >= 2 response indices judged equal; pairs inside a group are not trained on."""
+    pairwise_probs: list[list[float]] | None = None
+    """A judge's [K][K] P(response i is better than response j), for soft targets; None for people."""
+
+
+@dataclass
+class Sample:
+    """One prompt and its K responses to rank (``fastrlhf sample`` output)."""
+
+    prompt: Prompt
+    responses: list[str]
+    item_id: str
+    """The record's ``id``, or a digest of prompt and responses (the same one ``fastrlhf rank`` uses)."""
+    line: int | str | None = field(default=None, compare=False)
+
+
+RANKING_STATUSES = ("ranked", "cannot_rank", "skipped")
+
+DATASET_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""Local files read through the `datasets` package (by its builder of that name); others are JSON Lines."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -88,17 +116,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
 def _records(path: str | Path, split: str) -> tuple[str, list[tuple[int | str, dict[str, Any]]]]:
     """(source name, located records) from a local JSONL file or, failing that, a Hugging Face dataset."""
     p = Path(path)
-    if p.is_file():
+    builder = DATASET_FILE_BUILDERS.get(p.suffix.lower())
+    if p.is_file() and builder is None:
         return str(path), list(read_jsonl(p))
     try:
         import datasets  # optional dependency: only needed for hub / non-JSONL datasets
     except ImportError:
+        if p.is_file():
+            raise ImportError(f"{path}: reading {p.suffix} files needs the `datasets` package") from None
         raise FileNotFoundError(
             f"{path}: no such file (and the `datasets` package, needed to load it as a Hugging Face dataset "
             "name, is not installed)"
         ) from None
     source = f"{path} ({split})"
-    rows = datasets.load_dataset(str(path), split=split)
+    if p.is_file():
+        rows = datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
+    else:
+        rows = datasets.load_dataset(str(path), split=split)
     located: list[tuple[int | str, dict[str, Any]]] = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -164,6 +198,87 @@ def _as_ranking(value: Any, k: int, source: str, line: int | str) -> list[int]:
     return list(value)
 
 
+def _as_ties(value: Any, k: int, source: str, line: int | str) -> list[list[int]]:
+    """Disjoint groups of >= 2 distinct response indices."""
+    if not isinstance(value, list):
+        raise DataError(source, line, "ties", f"expected a list of groups of response indices, got {value!r}")
+    seen: set[int] = set()
+    groups = []
+    for g, group in enumerate(value):
+        name = f"ties[{g}]"
+        if not isinstance(group, list) or len(group) < 2:
+            raise DataError(
+                source, line, name, f"expected a list of at least 2 response indices, got {group!r}"
+            )
+        for index in group:
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < k:
+                raise DataError(source, line, name, f"expected indices in 0..{k - 1}, got {index!r}")
+            if index in seen:
+                raise DataError(
+                    source, line, name, f"response {index} is in two tie groups (or twice in one)"
+                )
+            seen.add(index)
+        groups.append(list(group))
+    return groups
+
+
+def _as_pairwise_probs(value: Any, k: int, source: str, line: int | str) -> list[list[float]]:
+    """A [K][K] matrix of probabilities with p[i][j] + p[j][i] = 1 (a transposed or random one fails)."""
+    name = "pairwise_probs"
+    if (
+        not isinstance(value, list)
+        or len(value) != k
+        or not all(isinstance(r, list) and len(r) == k for r in value)
+    ):
+        raise DataError(source, line, name, f"expected a {k} x {k} matrix (one row per response)")
+    for i, row in enumerate(value):
+        for j, p in enumerate(row):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise DataError(
+                    source, line, f"{name}[{i}][{j}]", f"expected a probability in [0, 1], got {p!r}"
+                )
+    for i in range(k):
+        for j in range(i, k):
+            if abs(value[i][j] + value[j][i] - 1.0) > 1e-3:
+                raise DataError(
+                    source,
+                    line,
+                    f"{name}[{i}][{j}]",
+                    f"p[i][j] + p[j][i] must be 1, got {value[i][j] + value[j][i]}",
+                )
+    return [[float(p) for p in row] for row in value]
+
+
+def ranked_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] = ()) -> list[tuple[int, int]]:
+    """(better, worse) response pairs of a best-first ``ranking``, leaving out pairs inside a tie group."""
+    group = {index: g for g, members in enumerate(ties) for index in members}
+    return [
+        (a, b) for a, b in combinations(ranking, 2) if a not in group or group[a] != group.get(b)
+    ]  # combinations keep best-first order
+
+
+def _k_way_ranking(rec: dict[str, Any], prompt: Prompt, source: str, line: int | str) -> Ranking | None:
+    """The shared schema (what ``fastrlhf rank`` and ``fastrlhf judge`` write); None when not ranked."""
+    status = rec.get("status", "ranked")
+    if status not in RANKING_STATUSES:
+        raise DataError(
+            source, line, "status", f"expected one of {', '.join(RANKING_STATUSES)}, got {status!r}"
+        )
+    raw = rec["responses"]
+    if not isinstance(raw, list) or len(raw) < 2:
+        got = f"{len(raw)}" if isinstance(raw, list) else _typename(raw)
+        raise DataError(source, line, "responses", f"expected a list of at least 2 responses, got {got}")
+    responses = [_as_response(r, f"responses[{i}]", source, line) for i, r in enumerate(raw)]
+    if status != "ranked":
+        return None
+    ranking = _as_ranking(_get(rec, "ranking", source, line), len(responses), source, line)
+    ties = _as_ties(rec.get("ties") or [], len(responses), source, line)
+    probs = rec.get("pairwise_probs")
+    if probs is not None:
+        probs = _as_pairwise_probs(probs, len(responses), source, line)
+    return Ranking(prompt, responses, ranking, line, ties, probs)
+
+
 # ----------------------------------------------------------------------------------------------- loaders
 
 
@@ -179,29 +294,87 @@ def load_sft(path: str | Path, *, split: str = "train") -> list[SFTExample]:
 
 
 def load_rankings(path: str | Path, *, split: str = "train") -> list[Ranking]:
-    """Load TRL ``chosen``/``rejected`` pairs and K-way ``responses``/``ranking`` records as rankings."""
+    """Load rankings in any of the formats of the module docstring (records may mix formats).
+
+    Records that are not ranked (``status`` "cannot_rank" or "skipped", UltraFeedback prompts with fewer
+    than two rated completions, OpenAssistant replies without a rank) are left out, and counted in the log.
+    """
+    from fastrlhf import preference_formats as formats
+
     source, records = _records(path, split)
-    out = []
+    out: list[Ranking] = []
+    oasst_rows: list[tuple[int | str, dict[str, Any]]] = []
+    skipped = 0
+    for line, rec in records:
+        if formats.is_oasst_row(rec):
+            oasst_rows.append((line, rec))
+            continue
+        if formats.is_oasst_tree(rec):
+            out.extend(formats.oasst_tree_rankings(rec, source, line))
+            continue
+        if "completions" in rec:
+            ranking = formats.ultrafeedback_ranking(rec, source, line)
+        elif "responses" in rec:
+            prompt = _as_prompt(_get(rec, "prompt", source, line), source, line)
+            ranking = _k_way_ranking(rec, prompt, source, line)
+        elif "chosen" in rec:
+            ranking = formats.chosen_rejected_ranking(rec, source, line)
+        elif "prompt" in rec or "rejected" in rec:
+            raise DataError(
+                source, line, "chosen", "missing (a record needs chosen/rejected or responses/ranking)"
+            )
+        else:
+            raise DataError(
+                source, line, None,
+                "unrecognized record: expected responses/ranking, prompt/chosen/rejected, chosen/rejected "
+                "transcripts, UltraFeedback completions or OpenAssistant messages",
+            )  # fmt: skip
+        if ranking is None:
+            skipped += 1
+        else:
+            out.append(ranking)
+    if oasst_rows:
+        out.extend(formats.oasst_row_rankings(oasst_rows, source))
+    if skipped:
+        logging.getLogger("fastrlhf").info(
+            "%s: %d records are not rankings (status, or too few ratings)", source, skipped
+        )
+    return out
+
+
+def load_samples(path: str | Path, *, split: str = "train") -> list[Sample]:
+    """Load ``{"prompt", "responses": [K >= 2]}`` records to rank, with the item ids of ``fastrlhf rank``."""
+    import hashlib
+
+    source, records = _records(path, split)
+    out: list[Sample] = []
+    seen: dict[str, int | str] = {}
     for line, rec in records:
         prompt = _as_prompt(_get(rec, "prompt", source, line), source, line)
-        if "responses" in rec:
-            raw = rec["responses"]
-            if not isinstance(raw, list) or len(raw) < 2:
-                got = f"{len(raw)}" if isinstance(raw, list) else _typename(raw)
+        raw = _get(rec, "responses", source, line)
+        if not isinstance(raw, list) or len(raw) < 2:
+            got = f"{len(raw)}" if isinstance(raw, list) else _typename(raw)
+            raise DataError(source, line, "responses", f"expected a list of at least 2 responses, got {got}")
+        responses = [_as_str(r, f"responses[{i}]", source, line) for i, r in enumerate(raw)]
+        if "id" in rec:
+            item_id = rec["id"]
+            if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
                 raise DataError(
-                    source, line, "responses", f"expected a list of at least 2 responses, got {got}"
+                    source, line, "id", f"expected a non-empty string or integer, got {item_id!r}"
                 )
-            responses = [_as_response(r, f"responses[{i}]", source, line) for i, r in enumerate(raw)]
-            ranking = _as_ranking(_get(rec, "ranking", source, line), len(responses), source, line)
-        else:
-            if "chosen" not in rec:
-                raise DataError(
-                    source, line, "chosen", "missing (a record needs chosen/rejected or responses/ranking)"
-                )
-            chosen = _as_response(rec["chosen"], "chosen", source, line)
-            rejected = _as_response(_get(rec, "rejected", source, line), "rejected", source, line)
-            responses, ranking = [chosen, rejected], [0, 1]
-        out.append(Ranking(prompt, responses, ranking, line))
+            item_id = str(item_id)
+            if item_id in seen:
+                raise DataError(source, line, "id", f"{item_id!r} was already used at {seen[item_id]}")
+        else:  # the content digest, numbered like `fastrlhf rank` numbers identical records
+            content = json.dumps([prompt, raw], ensure_ascii=False, sort_keys=True)
+            base = item_id = hashlib.sha256(content.encode()).hexdigest()[:12]
+            n = 2
+            while item_id in seen:
+                item_id, n = f"{base}-{n}", n + 1
+        seen[item_id] = line
+        out.append(Sample(prompt, responses, item_id, line))
+    if not out:
+        raise DataError(source, 1, None, "no records to rank")
     return out
 
 
@@ -351,32 +524,47 @@ def sft_batch(
 
 
 def ranking_batch(
-    items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]], pad_id: int
+    items: Sequence[tuple[Any, ...]], pad_id: int, *, soft_targets: bool = False
 ) -> dict[str, torch.Tensor]:
     """Every response of every ranking as a right-padded ``prompt + response`` row, plus the pairs to compare.
 
-    Item ``i``'s K responses occupy consecutive rows in their original order. Returns ``input_ids`` and
-    ``attention_mask`` ``[R, T]``; ``last_index`` ``[R]``, each row's final token (where a reward is read);
-    ``pairs`` ``[P, 2]`` (winner row, loser row) over all C(K, 2) pairs of each ranking; ``group`` ``[P]``,
-    the item of each pair; and ``pair_weight`` ``[P]`` = 1 / (C(K, 2) * n_items), so
-    ``-(pair_weight * logsigmoid(r_win - r_lose)).sum()`` is InstructGPT's loss: the mean over each ranking's
-    pairs, then over rankings (each ranking is one batch element, so large K does not dominate).
+    An item is ``(prompt ids, [response ids], ranking)`` or ``(prompt ids, [response ids], ranking, ties,
+    pairwise_probs)`` with ``pairwise_probs`` None or [K][K]. Item ``i``'s K responses occupy consecutive rows
+    in their original order. Returns ``input_ids`` and ``attention_mask`` ``[R, T]``; ``last_index`` ``[R]``,
+    each row's final token (where a reward is read); ``pairs`` ``[P, 2]`` (better row, worse row) over the
+    ranking's C(K, 2) pairs less those inside a tie group; ``group`` ``[P]``, the item of each pair;
+    ``pair_target`` ``[P]``, P(better beats worse): 1, or with ``soft_targets`` the item's
+    ``pairwise_probs`` (then over all C(K, 2) pairs, tied ones included); and ``pair_weight`` ``[P]`` =
+    1 / (pairs of the item * items with pairs), so ``-(pair_weight * logsigmoid(r_better - r_worse)).sum()``
+    is InstructGPT's loss: the mean over each ranking's pairs, then over rankings (each ranking is one batch
+    element, so large K does not dominate).
     """
     rows: list[list[int]] = []
     pairs: list[tuple[int, int]] = []
     group: list[int] = []
-    weight: list[float] = []
-    for i, (prompt, responses, ranking) in enumerate(items):
+    target: list[float] = []
+    per_item: list[list[tuple[int, int, float]]] = []
+    for i, (prompt, responses, ranking, *extra) in enumerate(items):
+        ties = extra[0] if extra else ()
+        probs = extra[1] if len(extra) > 1 else None
         k = len(responses)
         if k < 2 or sorted(ranking) != list(range(k)):
             raise ValueError(f"item {i}: ranking {list(ranking)} is not a permutation of {k} >= 2 responses")
         base = len(rows)
         rows.extend([*prompt, *r] for r in responses)
-        n_pairs = k * (k - 1) // 2
-        for better, worse in combinations(ranking, 2):  # combinations keep best-first order
-            pairs.append((base + better, base + worse))
+        if soft_targets and probs is not None:
+            item_pairs = [(a, b, float(probs[a][b])) for a, b in combinations(ranking, 2)]
+        else:
+            item_pairs = [(a, b, 1.0) for a, b in ranked_pairs(ranking, ties or ())]
+        per_item.append([(base + a, base + b, t) for a, b, t in item_pairs])
+    n_items = sum(1 for p in per_item if p)
+    weight: list[float] = []
+    for i, item_pairs in enumerate(per_item):
+        for better, worse, t in item_pairs:
+            pairs.append((better, worse))
             group.append(i)
-            weight.append(1.0 / (n_pairs * len(items)))
+            target.append(t)
+            weight.append(1.0 / (len(item_pairs) * n_items))
     ids, mask = pad_right(rows, pad_id)
     return {
         "input_ids": ids,
@@ -384,5 +572,6 @@ def ranking_batch(
         "last_index": mask.sum(dim=1) - 1,
         "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
         "group": torch.tensor(group, dtype=torch.long),
+        "pair_target": torch.tensor(target, dtype=torch.float32),
         "pair_weight": torch.tensor(weight, dtype=torch.float32),
     }

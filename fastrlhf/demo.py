@@ -2,7 +2,9 @@
 
 A tiny Llama is built from a config; SFT imitates a noisy demonstrator; a reward model learns from synthetic
 K-way rankings ordered by the gold reward; PPO optimizes the learned reward with a KL leash to the SFT model.
-The gold reward, which the trainer never sees, tells whether RLHF really improved the policy.
+The gold reward, which the trainer never sees, tells whether RLHF really improved the policy. From round 2 on,
+fresh samples of the policy are ranked by a judge (``fastrlhf.judge``: both orders, ties, Bradley-Terry) whose
+verdicts come from the gold reward plus noise and a position bias, so the loop stays self-contained.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTConfig
-from fastrlhf.data import Ranking, SFTExample, encode_prompt
-from fastrlhf.demo_task import DemoTask, build_tokenizer, tiny_llama_config
+from fastrlhf.config import JudgeConfig, ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTConfig
+from fastrlhf.data import Ranking, Sample, SFTExample, encode_prompt, ranked_pairs
+from fastrlhf.demo_task import DemoTask, NoisyGoldJudge, build_tokenizer, tiny_llama_config
+from fastrlhf.judge import format_report, judge_records
+from fastrlhf.judge.run import write_rankings
 from fastrlhf.metrics import MetricsLogger
 from fastrlhf.ppo import evaluate, rollout
 from fastrlhf.ppo_trainer import sample_completions, train_ppo
@@ -51,8 +55,17 @@ class DemoConfig:
     wandb: bool = False
     """Also log to Weights & Biases (needs the `wandb` package and a login)."""
     rounds: int = 2
-    """RM + PPO rounds. Each further round ranks K samples of the current policy with the synthetic labeler
-    (the gold reward), continues the reward model on them and PPO from the last policy (stage 4)."""
+    """RM + PPO rounds. Each further round ranks K samples of the current policy (with ``labeler``),
+    continues the reward model on them and PPO from the last policy (stage 4)."""
+    labeler: str = "judge"
+    """Who ranks the fresh samples of rounds 2+: "judge" (the noisy gold judge through fastrlhf.judge; its
+    bias report and agreement with the gold ranking go into summary.json) or "gold" (the exact gold order)."""
+    judge_noise: float = 1.0
+    """Standard deviation of the judge's per-verdict noise, in logits (a one-mistake gap is about 2)."""
+    judge_position_bias: float = 0.5
+    """Logits the judge adds to the first-shown response."""
+    soft_targets: bool = True
+    """Train the reward model on the judge's pairwise probabilities (RMConfig.soft_targets)."""
     kl_coef: float = 0.5
     """Strong on purpose: a reward model this small is easy to exploit, and past ~1.5 nats of KL the gold
     reward falls while the learned reward keeps rising (with 0.05 it peaked at 0.83, then fell to 0.71)."""
@@ -74,7 +87,7 @@ def _sequence_kl(models, prompts: list[str], cfg: PPOConfig) -> float:
 def _policy_rankings(
     task: DemoTask, policy, tokenizer, prompts: list[str], k: int, cfg: PPOConfig
 ) -> list[Ranking]:
-    """Fresh comparisons: K samples of the current policy per prompt, ranked by the synthetic labeler.
+    """Fresh comparisons: K samples of the current policy per prompt, ranked by the gold reward.
     Prompts whose K samples all score the same teach nothing and are left out."""
     samples = [sample_completions(policy, tokenizer, prompts, cfg) for _ in range(k)]
     rankings = []
@@ -85,10 +98,41 @@ def _policy_rankings(
     return rankings
 
 
+def _judged_rankings(
+    task: DemoTask, policy, tokenizer, prompts: list[str], cfg: DemoConfig, ppo: PPOConfig, out: Path
+) -> tuple[list[Ranking], dict[str, float]]:
+    """Fresh comparisons ranked by the noisy gold judge, written to ``out`` with its bias report.
+
+    Prompts the judge ties entirely (typically K identical samples) are left out: they teach nothing. The
+    returned stats add the judge's agreement with the gold order on the pairs it did order.
+    """
+    samples = [sample_completions(policy, tokenizer, prompts, ppo) for _ in range(cfg.k)]
+    items = [Sample(p, [s[i] for s in samples], str(i)) for i, p in enumerate(prompts)]
+    judge = NoisyGoldJudge(task, noise=cfg.judge_noise, position_bias=cfg.judge_position_bias, seed=cfg.seed)
+    records, report = judge_records(judge, items, JudgeConfig())
+    write_rankings(records, report, out)
+    log.info("the judge on %s:\n%s", out.name, format_report(report))
+    rankings, agree, pairs = [], 0.0, 0
+    for r in records:
+        if len(r["ties"]) == 1 and len(r["ties"][0]) == cfg.k:
+            continue
+        rankings.append(
+            Ranking(r["prompt"], r["responses"], r["ranking"], None, r["ties"], r["pairwise_probs"])
+        )
+        gold = [task.gold_reward(r["prompt"], x) for x in r["responses"]]
+        for better, worse in ranked_pairs(r["ranking"], r["ties"]):
+            agree += 1.0 if gold[better] > gold[worse] else 0.5 if gold[better] == gold[worse] else 0.0
+            pairs += 1
+    stats = {key: report[key] for key in ("first_position_win_rate", "order_consistency", "tie_share")}
+    return rankings, stats | {"agreement_with_gold": agree / max(pairs, 1), "rankings": len(rankings)}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run SFT, then ``rounds`` of RM -> PPO on the sorting task; returns and writes ``summary.json``."""
     if cfg.rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {cfg.rounds}")
+    if cfg.labeler not in ("judge", "gold"):
+        raise ValueError(f"labeler must be 'judge' or 'gold', got {cfg.labeler!r}")
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
@@ -159,10 +203,27 @@ def run_demo(cfg: DemoConfig) -> dict:
             suffix = "" if r == 1 else f"-{r}"
             # Round 1 logs into the demo's own metrics; later rounds keep theirs in rm-R/ and ppo-R/.
             round_logger = logger if r == 1 else None
+            judge_stats = None
             if r > 1:
                 new_prompts = task.prompts(cfg.rankings, seed=10 * r + 2)
-                rankings = _policy_rankings(task, models.policy, tokenizer, new_prompts, cfg.k, ppo_base)
-            rm_cfg = replace(rm_base, model=str(rm_init), out=str(out / f"rm{suffix}"))
+                if cfg.labeler == "judge":
+                    rankings, judge_stats = _judged_rankings(
+                        task,
+                        models.policy,
+                        tokenizer,
+                        new_prompts,
+                        cfg,
+                        ppo_base,
+                        out / f"rankings-{r}.jsonl",
+                    )
+                else:
+                    rankings = _policy_rankings(task, models.policy, tokenizer, new_prompts, cfg.k, ppo_base)
+            rm_cfg = replace(
+                rm_base,
+                model=str(rm_init),
+                out=str(out / f"rm{suffix}"),
+                soft_targets=judge_stats is not None and cfg.soft_targets,
+            )
             _, _, rm_dir, rm_accuracy = train_rm(
                 rm_cfg, rankings=rankings, demonstrations=sft_examples, logger=round_logger
             )
@@ -179,6 +240,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             )
             kl = _sequence_kl(models, eval_prompts, ppo_cfg)
             rounds.append({"rm_accuracy": rm_accuracy, "reward_ppo": reward_ppo, "kl": kl})
+            if judge_stats is not None:
+                rounds[-1]["judge"] = judge_stats
             rm_init, policy_dir = rm_dir, ppo_dir / "policy"
 
     summary = {

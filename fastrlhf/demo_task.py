@@ -12,6 +12,7 @@ Everything is built in code (word-level tokenizer, tiny Llama config), so the de
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import Any
@@ -233,3 +234,44 @@ class DemoTask:
     def prompt_records(self, n: int, seed: int) -> list[dict[str, Any]]:
         """Prompt-only records for PPO rollouts and evaluation."""
         return [{"prompt": p} for p in self.prompts(n, seed=seed)]
+
+
+class NoisyGoldJudge:
+    """A stand-in for a local LLM judge on this task, with the interface of ``fastrlhf.judge.Judge``.
+
+    Shown response ``a`` first and ``b`` second, it says "first" with probability
+    ``sigmoid((gold(a) - gold(b)) / temperature + position_bias + noise * N(0, 1))``: a fresh draw per ordered
+    pair, so it is noisy, favours the first position, and sometimes contradicts itself across the two orders,
+    like a real judge (AlpacaFarm needed such noise to reproduce over-optimization). It never parses text and
+    puts all its mass on the two labels.
+    """
+
+    def __init__(
+        self,
+        task: DemoTask,
+        *,
+        temperature: float = 0.1,
+        noise: float = 1.0,
+        position_bias: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        if temperature <= 0 or noise < 0:
+            raise ValueError(f"need temperature > 0 and noise >= 0, got {temperature}, {noise}")
+        self.task, self.temperature, self.noise, self.position_bias = task, temperature, noise, position_bias
+        self.name = f"noisy-gold(noise={noise}, position_bias={position_bias})"
+        self._rng = random.Random(f"noisy-gold-judge:{task.seed}:{seed}")
+
+    def verdicts(self, prompt: str, responses: list[str]):
+        import torch
+
+        from fastrlhf.judge.verdicts import Verdicts
+
+        gold = [self.task.gold_reward(prompt, r) for r in responses]
+        k = len(responses)
+        first = torch.full((k, k), 0.5, dtype=torch.float64)
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    logit = (gold[i] - gold[j]) / self.temperature + self.position_bias
+                    first[i, j] = 1 / (1 + math.exp(-(logit + self.noise * self._rng.gauss(0.0, 1.0))))
+        return Verdicts(first, torch.ones((k, k), dtype=torch.float64))
