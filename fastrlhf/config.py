@@ -110,6 +110,10 @@ class RMConfig:
     """Share of rankings held out to report pairwise accuracy."""
     max_len: int = 1024
     """Longest prompt + response in tokens; longer rankings are reported and skipped."""
+    soft_targets: bool = False
+    """Train on the judge's soft pairwise probabilities where a record has ``pairwise_probs``:
+    -[p log sigmoid(r_i - r_j) + (1 - p) log sigmoid(r_j - r_i)] over all C(K, 2) pairs, tied ones
+    included (their p near 0.5 says the two are close). Records without it keep hard targets, ties dropped."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
     model_config: ModelConfig = field(default_factory=ModelConfig)
     save_every: int = 0
@@ -118,6 +122,78 @@ class RMConfig:
     """Also log to Weights & Biases (needs the `wandb` package and a login). TensorBoard is used whenever
     the `tensorboard` package is installed; metrics.jsonl and curves.png are always written."""
     seed: int = 0
+
+
+@dataclass
+class JudgeConfig:
+    """`fastrlhf judge`: rank K responses per prompt with a local causal LM, from the log-probabilities of
+    its answer tokens for every pair in both orders (no generated text is parsed)."""
+
+    model: str = ""
+    """The judge: a local directory or hub id of a causal LM (never the policy being trained)."""
+    data: str = ""
+    """Input JSONL from `fastrlhf sample`: {"prompt", "responses": [K]} per line (optional "id")."""
+    out: str = "rankings.jsonl"
+    """Output rankings JSONL (read by `fastrlhf rm`); the bias report goes next to it, as <stem>.bias.json."""
+    template: str = ""
+    """A judging-prompt file with {prompt}, {response_a}, {response_b} once each, and optionally {answer}:
+    text before it is the user's message, text after it starts the judge's reply (with a chat template).
+    The label token must be the next token after the template's end. Empty: the built-in rubric."""
+    label_a: str = "A"
+    """Answer meaning "the first response is better"; it must be one token right after the template."""
+    label_b: str = "B"
+    """Answer meaning "the second response is better"; one token, different from label_a."""
+    use_chat_template: bool | None = None
+    """Render the judging prompt with the tokenizer's chat template. None: when the tokenizer has one."""
+    share_prefix: bool = True
+    """One forward of the token prefix shared by all of a prompt's ordered pairs (use_cache), then the pair
+    suffixes batched against copies of that cache. False: whole ordered pairs, left-padded."""
+    batch_size: int = 16
+    """Ordered pairs per forward pass (a prompt with K responses has K(K-1))."""
+    max_response_tokens: int = 0
+    """Cut longer responses to their first and last halves (so the judge sees both ends), counted in the
+    report. 0: no limit."""
+    aggregate: str = "bradley_terry"
+    """"bradley_terry": order by a Bradley-Terry fit on the pairwise probabilities; "copeland": by
+    pairwise wins (a tie counts one half), Bradley-Terry breaking equal counts."""
+    bt_prior: float = 0.1
+    """Strength of the Gaussian prior on the Bradley-Terry scores (> 0: without it the fit diverges when one
+    response wins every pair)."""
+    min_label_mass: float = 0.5
+    """Warn when the mean probability the judge puts on the two label tokens is below this: the template or
+    the labels are then wrong for this model."""
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are generated (``fastrlhf.rollout``): PPO's rollout and ``fastrlhf sample``."""
+
+    backend: str = "auto"
+    """"hf" (transformers ``generate``, dynamic KV cache: the reference), "static" (own decode loop on a
+    preallocated static KV cache with the fused sampling kernel, decode steps captured as CUDA graphs on
+    CUDA), "paged" (transformers continuous batching, ``generate_batch``) or "auto". "auto" is "hf" on every
+    device for now: "static" becomes the CUDA default once it is measured faster on a GPU. A backend that
+    cannot serve a model (architecture, 4-bit base, sliding window shorter than the sequence) falls back to
+    "hf" and logs why."""
+    prompt_bucket: int = 64
+    """static: prompts are left-padded to a multiple of this many tokens, so prompt lengths within a bucket
+    share one KV cache and one set of CUDA graphs (no new allocation or capture)."""
+    min_batch_bucket: int = 8
+    """static: the smallest batch bucket. Batch buckets are powers of two from here up to the batch; when
+    the unfinished rows fit a smaller bucket, they are compacted into it (finished rows stop costing work)."""
+    prefill_tokens: int = 8192
+    """static: the prefill runs over chunks of rows holding at most this many (padded) prompt tokens, so its
+    activations stay small next to the KV cache."""
+    compact_every: int = 8
+    """static: decode steps between checks for finished rows (each check is one device-to-host sync)."""
+    cuda_graphs: bool = True
+    """static on CUDA: capture each (batch bucket, cache length) decode step once as a CUDA graph and replay
+    it. Off (and always on CPU): the same decode step runs eagerly."""
+    keep_cache: bool = True
+    """static: keep the KV cache and CUDA graphs allocated between rollouts (no re-allocation or capture;
+    their size is logged as rollout/kv_cache_gib and stays resident through the update phase). False frees
+    both after every rollout, before the update phase, at the price of re-allocating and re-capturing."""
 
 
 @dataclass
@@ -181,6 +257,19 @@ class PPOConfig:
     """Value clip epsilon around the rollout's values."""
     vf_coef: float = 0.1
     """Weight of the value loss (with critic="policy_head" it shares the policy's gradient)."""
+    advantage_estimator: str = "gae"
+    """"gae": PPO with a critic (below). Critic-free, no critic or value head loaded: "grpo" (group_size
+    samples per prompt, return normalized by its group's mean and std), "dr_grpo" (group mean only), "rloo"
+    (leave-one-out baseline), "reinforce++" (per-token KL reward, whitened return over the batch). All put the
+    per-token KL into the return, so each one's fixed point is pi* ~ pi_ref exp(r / beta)."""
+    group_size: int = 4
+    """Samples per prompt for grpo, dr_grpo and rloo; rollout_batch_size counts sequences and must divide."""
+    value_trunk_grad_scale: float = 1.0
+    """With critic="policy_head": the factor on the value loss's gradient into the shared trunk (the value
+    head itself always gets the full gradient). 0 stops it, so the value loss cannot drag the policy."""
+    target_kl: float | None = 0.1
+    """Early stop: when a minibatch's approx_kl (measured before its optimizer step) exceeds this, that
+    minibatch and the rest of the PPO step's updates are skipped (logged as `early_stopped`). None: off."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight gamma of the log-likelihood of ptx_data added to the objective. 0 disables."""
     ptx_data: str = ""
@@ -190,6 +279,7 @@ class PPOConfig:
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=10))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10))
     model_config: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     save_every: int = 0
     """Write a resumable checkpoint every N PPO steps (0: only at the end)."""
     wandb: bool = False

@@ -22,6 +22,7 @@ from fastrlhf.config import PPOConfig
 from fastrlhf.data import pad_left
 from fastrlhf.kernels import (
     gae,
+    group_advantages,
     kl_penalty,
     masked_mean,
     masked_var,
@@ -39,7 +40,11 @@ from fastrlhf.models import (
     sequence_scores,
     token_values,
 )
+from fastrlhf.rollout import SamplingParams, engine_for
 from fastrlhf.training import optimizer_step
+
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce++")
+GROUPED = ("grpo", "dr_grpo", "rloo")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """A rule-based or verifiable reward: (prompts, completions) -> one score per completion."""
@@ -78,6 +83,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    generation_stats: dict[str, float] = field(default_factory=dict)  # the rollout engine's throughput, cache
 
 
 @dataclass
@@ -103,28 +109,25 @@ class KLController:
 def rollout(
     policy: nn.Module, tok, prompts: list[str], prompt_ids: list[list[int]], cfg: PPOConfig
 ) -> Rollout:
-    """Sample one response per prompt at ``temperature`` / ``top_p`` (detail 3: prompts left-padded).
+    """Sample one response per prompt at ``temperature`` / ``top_p`` (detail 3: prompts left-padded) with the
+    engine ``cfg.rollout`` selects (``fastrlhf.rollout``: hf generate, or a static KV cache + CUDA graphs).
 
     Responses are truncated after their first EOS (detail 5): later tokens become padding and leave the mask.
     """
     device = next(policy.parameters()).device
     ids, mask = (t.to(device) for t in pad_left(prompt_ids, tok.pad_token_id))
     policy.eval()
-    out = policy.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
+    params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        suppress_tokens=[tok.pad_token_id],  # an added pad token's embedding row is untrained
-        use_cache=True,
+        suppress_ids=(tok.pad_token_id,),  # an added pad token's embedding row is untrained
     )
-    response = out[:, ids.shape[1] :]
+    generation = engine_for(policy, cfg.rollout).generate(policy, ids, mask, params)
+    response = generation.tokens
     is_eos = response == tok.eos_token_id
     has_eos = is_eos.any(-1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(-1), response.shape[1])
@@ -132,6 +135,7 @@ def rollout(
     response_mask = positions[None, :] <= first_eos[:, None]
     response = response.masked_fill(~response_mask, tok.pad_token_id)
     completions = tok.batch_decode(response, skip_special_tokens=True)
+    n_tokens = float(response_mask.sum())
     return Rollout(
         prompts=prompts,
         completions=completions,
@@ -140,6 +144,11 @@ def rollout(
         response_start=ids.shape[1],
         response_mask=response_mask,
         has_eos=has_eos,
+        generation_stats={
+            "rollout/tokens_per_second": n_tokens / max(generation.seconds, 1e-9),
+            "rollout/kv_cache_gib": generation.kv_cache_bytes / 2**30,
+            **generation.stats,
+        },
     )
 
 
@@ -168,17 +177,33 @@ def score(models: PPOModels, batch: Rollout, cfg: PPOConfig) -> torch.Tensor:
     return scores
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward pass; ``scale`` times the incoming gradient in the backward pass."""
+    if scale == 1.0:
+        return x
+    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
 def policy_forward(
-    models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float, *, entropy=False
+    models: PPOModels,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    start: int,
+    temperature: float,
+    *,
+    entropy=False,
+    trunk_grad_scale: float = 1.0,
 ):
     """Log-probs [b, R] (and entropy) of the response tokens, and values [b, R] when the value head shares
     the policy's trunk (one trunk pass for both). Log-probs divide the logits by the sampling temperature
-    (detail 4)."""
+    (detail 4). ``trunk_grad_scale`` scales the value gradient flowing from the head into the trunk."""
     hidden = hidden_states(models.policy, ids, mask)
     out = response_logprobs(
         models.policy, ids, mask, start, temperature=temperature, return_entropy=entropy, hidden=hidden
     )
-    values = models.value_head(hidden[:, start - 1 : -1]) if models.value_head is not None else None
+    values = None
+    if models.value_head is not None:
+        values = models.value_head(scale_gradient(hidden[:, start - 1 : -1], trunk_grad_scale))
     return out, values
 
 
@@ -211,12 +236,52 @@ def evaluate(models: PPOModels, batch: Rollout, order: torch.Tensor, cfg: PPOCon
                     ref_logp[rows] = response_logprobs(models.policy, ids, mask, start, temperature=temp)
             else:
                 ref_logp[rows] = response_logprobs(reference, ids, mask, start, temperature=temp)
-            values[rows] = head_values if head_values is not None else critic_values(models, ids, mask, start)
+            if head_values is not None:
+                values[rows] = head_values
+            elif models.critic is not None:
+                values[rows] = critic_values(models, ids, mask, start)
     batch.logp, batch.ref_logp, batch.values, batch.entropy = logp, ref_logp, values, entropy
 
 
 @torch.no_grad()
 def compute_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
+    """Advantages by ``cfg.advantage_estimator``: GAE with the critic (below) or a critic-free estimator."""
+    if cfg.advantage_estimator in CRITIC_FREE:
+        critic_free_advantages(batch, kl, cfg)
+    else:
+        gae_advantages(batch, kl, cfg)
+
+
+def critic_free_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
+    """No critic (values are 0); per-token KL reward r_t = -beta * kl_t, plus the score at the last token:
+
+    reinforce++: A_t = sum_{k >= t} gamma^{k-t} r_k, whitened over the batch's response tokens;
+    grpo / dr_grpo / rloo: the sequence return G = score - beta * sum_t kl_t, turned into one advantage per
+    sequence by ``fastrlhf.kernels.group_advantages`` over the group_size samples of its prompt (contiguous
+    rows), and given to every token of the response.
+    """
+    mask = batch.response_mask
+    zeros = torch.zeros_like(batch.logp)
+    if cfg.advantage_estimator == "reinforce++":
+        out = ppo_advantages(
+            batch.scores, batch.logp, batch.ref_logp, zeros, mask, kl_coef=kl.value,
+            estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=1.0, whiten=True,
+        )  # fmt: skip
+        batch.advantages, batch.returns, batch.rewards, batch.kl = (
+            out.advantages, out.returns, out.rewards, out.kl
+        )  # fmt: skip
+        return
+    rewards = shape_rewards(
+        batch.scores, batch.logp, batch.ref_logp, mask, kl_coef=kl.value, estimator=cfg.kl_estimator
+    )
+    sequence_return = (rewards * mask).sum(-1)
+    adv = group_advantages(sequence_return, cfg.group_size, estimator=cfg.advantage_estimator)
+    batch.advantages = adv[:, None] * mask
+    batch.returns, batch.rewards = zeros, rewards
+    batch.kl = kl_penalty(batch.logp, batch.ref_logp, estimator=cfg.kl_estimator) * mask
+
+
+def gae_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
     """Per-token rewards, GAE and whitened advantages, fused in ``fastrlhf.kernels.ppo_advantages``:
 
     r_t = -beta * kl_t  (+ score at the last response token);   kl_t = estimator(logp_t - ref_logp_t)
@@ -306,6 +371,12 @@ class Trainables:
     critic_params: list[nn.Parameter] = field(default_factory=list)
     ptx_batches: object | None = None  # iterator of dicts(input_ids, attention_mask, loss_mask)
 
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients without stepping (an early-stopped minibatch)."""
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+
     def step(self, cfg: PPOConfig, step: int) -> None:
         """One optimizer step of the policy (with its value head) and of the separate critic, if any."""
         policy_clip, critic_clip = cfg.policy_optim.max_grad_norm, cfg.critic_optim.max_grad_norm
@@ -330,6 +401,11 @@ def update(
     """``ppo_epochs`` passes over the rollout in ``num_minibatches`` shuffled minibatches, each split into
     micro-batches whose gradients accumulate. Epoch 0 uses ``order`` (the order ``evaluate`` used).
 
+    Early stop (``target_kl``): approx_kl = mean((rho - 1) - log rho) of a minibatch, measured in its forward
+    before its optimizer step; above the target, that gradient is dropped and the step's remaining updates
+    are skipped (as Stable-Baselines3 does), so one bad update cannot carry the policy far from the rollout.
+    The first minibatch has rho = 1 exactly, so at least one update always runs.
+
     A NaN or inf loss or gradient stops the run before any optimizer step can write it into the weights.
     """
     n = len(batch.prompts)
@@ -338,28 +414,45 @@ def update(
     sums: dict[str, torch.Tensor] = {}
     total_tokens = 0
     first_minibatch_dev = 0.0
+    updates_done, early_stopped = 0, False
     models.policy.train()
     if models.critic is not None:
         models.critic.train()
     for epoch in range(cfg.ppo_epochs):
+        if early_stopped:
+            break
         perm = order if epoch == 0 else torch.randperm(n, device=device)
         for mb_index, minibatch in enumerate(perm.chunk(cfg.num_minibatches)):
             n_tokens = max(int(batch.response_mask[minibatch].sum()), 1)
             max_dev = torch.zeros((), device=device)
+            minibatch_kl = torch.zeros((), device=device)
             for rows in minibatch.split(cfg.micro_batch_size):
                 ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
-                logp, head_values = policy_forward(models, ids, mask, start, temp)
-                values = head_values if head_values is not None else critic_values(models, ids, mask, start)
+                logp, head_values = policy_forward(
+                    models, ids, mask, start, temp, trunk_grad_scale=cfg.value_trunk_grad_scale
+                )
+                if head_values is not None:
+                    values = head_values
+                elif models.critic is not None:
+                    values = critic_values(models, ids, mask, start)
+                else:  # critic-free: no value loss to train
+                    values = batch.values[rows]
                 pg_loss, v_loss, stats = ppo_loss(
                     logp, batch.logp[rows], batch.advantages[rows], values, batch.values[rows],
                     batch.returns[rows], batch.response_mask[rows], cfg, n_tokens,
                 )  # fmt: skip
                 (pg_loss + cfg.vf_coef * v_loss).backward()
                 max_dev = torch.maximum(max_dev, stats.pop("ratio_max_dev"))
+                minibatch_kl = minibatch_kl + stats["approx_kl"]
                 stats["pg_loss"] = pg_loss.detach() * n_tokens
                 stats["value_loss"] = v_loss.detach() * n_tokens
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0) + v
+            if cfg.target_kl is not None and float(minibatch_kl) / n_tokens > cfg.target_kl:
+                early_stopped = True
+                opt.zero_grad()
+                total_tokens += n_tokens  # its statistics stay in the logged means
+                break
             if opt.ptx_batches is not None and cfg.ptx_coef > 0:
                 ptx = ptx_loss(models, {k: v.to(device) for k, v in next(opt.ptx_batches).items()})
                 (cfg.ptx_coef * ptx).backward()
@@ -369,9 +462,12 @@ def update(
             if epoch == 0 and mb_index == 0:
                 first_minibatch_dev = float(max_dev)
             total_tokens += n_tokens
+            updates_done += 1
     out = {k: float(v) / total_tokens for k, v in sums.items()}
     out["ratio_var"] = out.pop("ratio_sq") - out["ratio"] ** 2
     out["ratio_first_minibatch_max_dev"] = first_minibatch_dev
+    out["early_stopped"] = float(early_stopped)
+    out["update_fraction"] = updates_done / (cfg.ppo_epochs * cfg.num_minibatches)
     return out
 
 
@@ -429,7 +525,7 @@ def ppo_step(
     stats = rollout_stats(batch, kl)
     stats |= phase("update", update, models, batch, order, opt, cfg, step)
     kl.update(stats["kl"], len(prompts))
-    stats |= timings
+    stats |= timings | batch.generation_stats
     stats["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
     stats["memory_gib/step"] = max(v for k, v in timings.items() if k.startswith("memory_gib/"))
     stats["tokens_per_second"] = float(batch.attention_mask.sum()) / stats["time/step"]

@@ -25,7 +25,16 @@ from fastrlhf.models import (
     unwrap,
     warmup_schedule,
 )
-from fastrlhf.ppo import KLController, PPOModels, RewardFn, Trainables, ppo_step, rollout
+from fastrlhf.ppo import (
+    CRITIC_FREE,
+    GROUPED,
+    KLController,
+    PPOModels,
+    RewardFn,
+    Trainables,
+    ppo_step,
+    rollout,
+)
 from fastrlhf.sft import encode_sft
 from fastrlhf.training import (
     StepBatches,
@@ -62,7 +71,9 @@ def build_models(cfg: PPOConfig, reward: RewardFn | None, device: torch.device) 
             raise ValueError("reward_model is empty: give a reward model directory or a reward function")
         reward = load_scalar_model(cfg.reward_model, frozen_mc, frozen_device, tokenizer, trainable=False)
     critic = value_head = None
-    if cfg.critic == "reward_model":
+    if cfg.advantage_estimator in CRITIC_FREE:
+        pass  # no critic and no value head: a whole model (or head) less in memory
+    elif cfg.critic == "reward_model":
         if not cfg.reward_model:
             raise ValueError(
                 'critic="reward_model" needs reward_model; with a reward function use "policy_head"'
@@ -138,6 +149,19 @@ def train_ppo(
             f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by num_minibatches "
             f"({cfg.num_minibatches})"
         )
+    estimators = ("gae", *CRITIC_FREE)
+    if cfg.advantage_estimator not in estimators:
+        raise ValueError(f"advantage_estimator must be one of {estimators}, got {cfg.advantage_estimator!r}")
+    group = cfg.group_size if cfg.advantage_estimator in GROUPED else 1
+    if cfg.advantage_estimator in GROUPED and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
+        raise ValueError(
+            f"group_size ({cfg.group_size}) must be >= 2 and divide rollout_batch_size "
+            f"({cfg.rollout_batch_size})"
+        )
+    if cfg.target_kl is not None and cfg.target_kl <= 0:
+        raise ValueError(f"target_kl must be positive or None (off), got {cfg.target_kl}")
+    if not 0.0 <= cfg.value_trunk_grad_scale <= 1.0:
+        raise ValueError(f"value_trunk_grad_scale must be in [0, 1], got {cfg.value_trunk_grad_scale}")
     device = default_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +174,11 @@ def train_ppo(
     if report:
         log.warning("%s; they are skipped", report)
     data = [(prompts[i], prompt_ids[i]) for i in kept]
-    if len(data) < cfg.rollout_batch_size:
+    prompts_per_step = cfg.rollout_batch_size // group
+    if len(data) < prompts_per_step:
         raise ValueError(
-            f"{len(data)} usable prompts are fewer than rollout_batch_size={cfg.rollout_batch_size}"
+            f"{len(data)} usable prompts are fewer than the {prompts_per_step} a step needs "
+            f"(rollout_batch_size={cfg.rollout_batch_size} / group_size={group})"
         )
     opt = build_trainables(models, cfg, device)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -168,11 +194,11 @@ def train_ppo(
         log.info("resumed PPO from step %d", start)
     own_logger = logger is None
     logger = logger or MetricsLogger(out, run_name="ppo", wandb=cfg.wandb)
-    batches = StepBatches(data, cfg.rollout_batch_size, seed=cfg.seed)
+    batches = StepBatches(data, prompts_per_step, seed=cfg.seed)
     stats: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", disable=None)
     for step in range(start, cfg.steps):
-        batch = batches[step]
+        batch = [item for item in batches[step] for _ in range(group)]  # a group's samples are contiguous
         texts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False) for p, _ in batch]
         with naming_last_checkpoint(ckpt_dir):
             stats, rollout = ppo_step(models, texts, [ids for _, ids in batch], opt, kl, cfg, step)
