@@ -17,12 +17,15 @@ _EXPORTS = {
     "SFTConfig": "fastrlhf.config",
     "RMConfig": "fastrlhf.config",
     "PPOConfig": "fastrlhf.config",
+    "RolloutConfig": "fastrlhf.config",
+    "JudgeConfig": "fastrlhf.config",
     "PipelineConfig": "fastrlhf.pipeline",
     "train_sft": "fastrlhf.sft",
     "train_rm": "fastrlhf.rm",
     "train_ppo": "fastrlhf.ppo_trainer",
     "run_pipeline": "fastrlhf.pipeline",
     "sample_for_labeling": "fastrlhf.pipeline",
+    "judge_file": "fastrlhf.judge",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,9 +1,13 @@
-"""`fastrlhf sft | rm | ppo | pipeline | sample | demo`: a YAML config plus `--dotted.option value` overrides.
+"""`fastrlhf sft | rm | ppo | pipeline | sample | judge | rank | demo`: a YAML config plus `--dotted.option
+value` overrides.
 
 Examples::
 
     fastrlhf sft --config sft.yaml --optim.lr 1e-5
     fastrlhf ppo --policy runs/sft/model --reward_model runs/rm/model --prompts prompts.jsonl --kl_coef 0.02
+    fastrlhf sample --model runs/ppo/policy --prompts new.jsonl --k 4 --out to_rank.jsonl
+    fastrlhf rank --data to_rank.jsonl --out rankings.jsonl
+    fastrlhf judge --model Qwen/Qwen2.5-7B-Instruct --data to_rank.jsonl --out rankings.jsonl
     fastrlhf demo --out demo_out
 """
 
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args, cfg)
-    except (ValueError, OSError, NonFiniteLossError) as e:  # bad input or a diverged run: say what, not where
+    # Bad input, a missing optional package (the ranking server, `datasets`) or a diverged run: say what.
+    except (ValueError, OSError, ImportError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
