@@ -4,14 +4,17 @@
 python benchmarks/rollout.py --out DIR [--dry-run] [--time-budget-s N] [--backends hf,static,paged]
 
 GPU run: Qwen2.5-0.5B and 1.5B shapes built from configs (random bf16 weights, nothing downloaded), batch 64
-and 256, 128-token prompts, 256 new tokens (min_new_tokens = max_new_tokens, so every backend generates the
-same number of tokens), then one PPO step per backend on the 0.5B end-to-end preset (benchmarks/e2e). Each
-cell: one warm-up call (allocation, CUDA-graph capture), then up to 3 timed calls (device synchronized;
-the median is reported). Cells run in priority order until ``--time-budget-s`` is spent; the rest are
-recorded as skipped. ``--dry-run``: a tiny Llama on the CPU, every code path, a few seconds.
+and 256, 128-token prompts, 256 new tokens (EOS suppressed, so every backend generates the same number of
+tokens), then PPO steps per backend on the 0.5B end-to-end preset (benchmarks/e2e). Each cell: one warm-up
+call (allocation, CUDA-graph capture), then up to 3 timed calls (device synchronized; the median is
+reported). Priority: hf and static at 0.5B, their PPO steps, hf and static at 1.5B, then paged. A cell
+whose next call would end past ``--time-budget-s`` (estimated from its warm-up) stops there and says so;
+the rest are recorded as skipped. ``--dry-run``: a tiny Llama on the CPU, every code path, a few seconds.
 
-Writes rollout-<device>-<date>.json and .md into --out. Targets (issue 8): static >= 4x hf tokens/s; the
-static backend's extra memory <= KV cache + 10%; PPO step with static >= 2x faster than with hf at 0.5B.
+Writes rollout-<device>-<date>.json and .md into --out, rewritten after every cell (a run stopped from
+outside keeps what it measured). Targets (issue 8): static >= 4x hf tokens/s; the static backend's extra
+memory <= KV cache + 10%; PPO step with static >= 2x faster than with hf at 0.5B. vLLM is listed as not
+measured: it cannot be installed next to this torch on the GPU machine available here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gc
+import importlib.util
 import json
 import statistics
 import time
@@ -29,6 +34,7 @@ import torch
 from e2e.environment import device_info, device_slug, report_header
 from e2e.models import SHAPES, build_tokenizer, model_config
 from e2e.presets import PRESETS
+from rollout_report import markdown, summarize, targets
 
 from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RolloutConfig
 from fastrlhf.rollout import SamplingParams, make_engine
@@ -51,15 +57,11 @@ class Plan:
 
 
 def gpu_plan(backends: tuple[str, ...]) -> Plan:
-    ppo_backends = tuple(b for b in backends if b != "paged")  # paged: generation table only
-    return Plan(
-        ("0.5b", "1.5b"), (64, 256), 128, 256, backends, "0.5b", ppo_backends, 3, torch.bfloat16, "cuda"
-    )
+    return Plan(("0.5b", "1.5b"), (64, 256), 128, 256, backends, "0.5b", backends, 3, torch.bfloat16, "cuda")
 
 
 def dry_plan(backends: tuple[str, ...]) -> Plan:
-    return Plan(("tiny",), (4,), 8, 6, backends, "tiny", tuple(b for b in backends if b != "paged"), 2,
-                torch.float32, "cpu")  # fmt: skip
+    return Plan(("tiny",), (4,), 8, 6, backends, "tiny", backends, 1, torch.float32, "cpu")
 
 
 def _sync(device: str) -> None:
@@ -94,27 +96,37 @@ def _from_config(config, dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
-def generation_cell(model, tok, backend: str, batch: int, plan: Plan, deadline: float) -> dict[str, Any]:
+def generation_cell(
+    model, tok, backend: str, batch: int, plan: Plan, share: float, deadline: float
+) -> dict[str, Any]:
     """One (shape, batch, backend) measurement: a warm-up call, one timed call, and more (up to
-    ``plan.timed_calls``) while another one fits before ``deadline`` (this cell's share of the budget).
+    ``plan.timed_calls``) while another one fits before ``share`` (this cell's share of the budget).
 
     The warm-up has the timed calls' shapes for static (allocation and CUDA-graph capture happen there)
-    and 4 new tokens for hf and paged, whose caches are rebuilt on every call anyway."""
+    and 4 new tokens for hf and paged, whose caches are rebuilt on every call anyway; from it, a timed
+    call that would end past ``deadline`` (the whole budget) is not started."""
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(4, min(tok.vocab_size, 1000), (batch, plan.prompt_len), generator=g)
     ids[:, 0] = tok.bos_token_id
     ids, mask = ids.to(plan.device), torch.ones_like(ids, device=plan.device)
-    params = SamplingParams(max_new_tokens=plan.new_tokens, min_new_tokens=plan.new_tokens, temperature=1.0,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                            suppress_ids=(tok.pad_token_id,))  # fmt: skip
+    # EOS suppressed: every row runs to max_new_tokens with every backend (paged would need two calls
+    # for min_new_tokens), as PPO's rollouts run with min_new_tokens = 0.
+    no_eos = (tok.pad_token_id, tok.eos_token_id)
+    params = SamplingParams(max_new_tokens=plan.new_tokens, temperature=1.0, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, suppress_ids=no_eos)  # fmt: skip
     engine = make_engine(RolloutConfig(backend=backend), torch.device(plan.device))
     base = _peak_reset(plan.device)
-    short = dataclasses.replace(params, max_new_tokens=4, min_new_tokens=4)
+    short = dataclasses.replace(params, max_new_tokens=4)
     warm = engine.generate(model, ids, mask, params if backend == "static" else short)
     record: dict[str, Any] = {"backend": backend, "ran_as": warm.backend, "warmup_s": warm.seconds}
+    estimate = warm.seconds * (1 if backend == "static" else plan.new_tokens / short.max_new_tokens)
+    if time.perf_counter() + estimate > deadline:
+        engine.release()
+        return record | {"status": f"skipped after the warm-up: a call would take ~{estimate:.0f} s, "
+                                   f"{max(0.0, deadline - time.perf_counter()):.0f} s left"}  # fmt: skip
     seconds: list[float] = []
     for _ in range(plan.timed_calls):
-        if seconds and time.perf_counter() + max(seconds) > deadline:
+        if seconds and time.perf_counter() + max(seconds) > min(share, deadline):
             break
         gen = engine.generate(model, ids, mask, params)
         seconds.append(gen.seconds)
@@ -122,6 +134,7 @@ def generation_cell(model, tok, backend: str, batch: int, plan: Plan, deadline: 
     tokens = int(gen.tokens.shape[0] * gen.tokens.shape[1])
     median = statistics.median(seconds)
     record |= {
+        "status": "ok",
         "timed_calls": len(seconds),
         "seconds_median": median,
         "seconds_all": seconds,
@@ -135,9 +148,11 @@ def generation_cell(model, tok, backend: str, batch: int, plan: Plan, deadline: 
     return record
 
 
-def ppo_cell(preset_name: str, backend: str, plan: Plan, deadline: float) -> dict[str, Any]:
+def ppo_cell(preset_name: str, backend: str, plan: Plan, share: float, deadline: float) -> dict[str, Any]:
     """Whole PPO steps (rollout, score, evaluate, advantages, update) with ``backend``; value head on the
-    policy's trunk and a rule reward, so that only the policy (and its reference) are in memory."""
+    policy's trunk and a rule reward, so that only the policy (and its reference) are in memory. Step 0
+    is the warm-up; a timed step that would end past ``deadline`` is not started, more than one only
+    while it fits in ``share``."""
     from fastrlhf.models import ValueHead, make_optimizer, trainable_parameters, warmup_schedule
     from fastrlhf.ppo import KLController, PPOModels, Trainables, ppo_step
 
@@ -169,8 +184,10 @@ def ppo_cell(preset_name: str, backend: str, plan: Plan, deadline: float) -> dic
     kl = KLController(cfg.kl_coef)
     steps: list[dict[str, float]] = []
     step_s: list[float] = []
+    warm_s = 0.0
     for step in range(1 + plan.timed_calls):  # step 0 is the warm-up
-        if step >= 2 and time.perf_counter() + max(step_s) > deadline:
+        last = max(step_s) if step_s else warm_s
+        if step >= 1 and time.perf_counter() + last > (deadline if step == 1 else min(share, deadline)):
             break
         _sync(plan.device)
         t0 = time.perf_counter()
@@ -179,39 +196,52 @@ def ppo_cell(preset_name: str, backend: str, plan: Plan, deadline: float) -> dic
         if step > 0:
             step_s.append(time.perf_counter() - t0)
             steps.append(stats)
+        else:
+            warm_s = time.perf_counter() - t0
     del models, policy, reference, trainables, opt
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     if not steps:
-        return {"backend": backend, "status": "skipped: time budget after the warm-up step"}
+        return {"backend": backend, "status": "skipped: no time for a timed step", "warmup_s": warm_s}
     keys = ("time/generate", "time/evaluate", "time/update", "memory_gib/step", "rollout/tokens_per_second",
             "rollout/kv_cache_gib", "ratio_first_minibatch_max_dev")  # fmt: skip
     return {
         "backend": backend,
         "status": "ok",
         "preset": preset_name,
+        "warmup_s": warm_s,
         "steps_timed": len(step_s),
         "step_s_median": statistics.median(step_s),
         **{k: statistics.median(s[k] for s in steps) for k in keys if k in steps[0]},
     }
 
 
-def run(plan: Plan, budget_s: float) -> dict[str, Any]:
-    """Cells in priority order: the first shape's generation, the PPO steps, then the other shapes. Each
-    cell gets an equal share of what is left of the budget; a cell that would start late is skipped."""
+def jobs_in_priority_order(plan: Plan) -> list[tuple]:
+    """(kind, shape or preset, batch, backend): hf and static (the targets) at the first shape, their PPO
+    steps, at the other shapes; then the other backends (paged) in the same order."""
+    main = tuple(k for k in plan.backends if k in ("hf", "static"))
+    jobs: list[tuple] = []
+    for tier in (main, tuple(k for k in plan.backends if k not in main)):
+        jobs += [("gen", plan.shapes[0], b, k) for b in plan.batches for k in tier]
+        if plan.ppo_preset is not None:
+            jobs += [("ppo", plan.ppo_preset, None, k) for k in tier if k in plan.ppo_backends]
+        jobs += [("gen", sh, b, k) for sh in plan.shapes[1:] for b in plan.batches for k in tier]
+    return jobs
+
+
+def run(plan: Plan, budget_s: float, on_cell=None) -> dict[str, Any]:
+    """Cells in priority order. Each cell gets an equal share of what is left of the budget for its extra
+    timed calls; a cell that would start late is skipped. ``on_cell(result)`` after every cell."""
     start = time.perf_counter()
     deadline = start + budget_s
-    jobs: list[tuple] = [("gen", plan.shapes[0], b, k) for b in plan.batches for k in plan.backends]
-    jobs += [("ppo", plan.ppo_preset, None, k) for k in plan.ppo_backends if plan.ppo_preset is not None]
-    jobs += [("gen", sh, b, k) for sh in plan.shapes[1:] for b in plan.batches for k in plan.backends]
-    cells: list[dict[str, Any]] = []
-    ppo: list[dict[str, Any]] = []
+    jobs = jobs_in_priority_order(plan)
+    result: dict[str, Any] = {"generation": [], "ppo_step": [], "wall_s": 0.0}
     model = tok = loaded = None
     for index, (kind, shape_name, batch, backend) in enumerate(jobs):
         now = time.perf_counter()
         share = now + (deadline - now) / (len(jobs) - index)
         where = {"shape": shape_name, "batch": batch} if kind == "gen" else {}
-        sink = cells if kind == "gen" else ppo
+        sink = result["generation" if kind == "gen" else "ppo_step"]
         if now > deadline:
             sink.append(where | {"backend": backend, "status": "skipped: time budget"})
             continue
@@ -222,112 +252,27 @@ def run(plan: Plan, budget_s: float) -> dict[str, Any]:
             loaded = shape_name if kind == "gen" else None
             if kind == "gen":
                 model, tok = build_policy(shape_name, plan)
+        if plan.device == "cpu":  # paged: transformers' two gc.collect() a call dominate a tiny dry run
+            gc.freeze()
         try:
             if kind == "gen":
-                cells.append(
-                    where | {"status": "ok"} | generation_cell(model, tok, backend, batch, plan, share)
-                )
+                sink.append(where | generation_cell(model, tok, backend, batch, plan, share, deadline))
             else:
-                ppo.append(ppo_cell(shape_name, backend, plan, share))
+                sink.append(ppo_cell(shape_name, backend, plan, share, deadline))
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             sink.append(where | {"backend": backend, "status": f"out of memory: {e}"[:300]})
-    return {"generation": cells, "ppo_step": ppo, "wall_s": time.perf_counter() - start}
+        result["wall_s"] = time.perf_counter() - start
+        if on_cell is not None:
+            on_cell(result)
+    result["wall_s"] = time.perf_counter() - start
+    return result
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Speed-ups of each backend over hf, and the static backend's memory against its KV cache."""
-    by = {(c["shape"], c["batch"], c["backend"]): c for c in result["generation"] if c.get("status") == "ok"}
-    rows = []
-    for (shape, batch, backend), cell in by.items():
-        hf = by.get((shape, batch, "hf"))
-        row = {"shape": shape, "batch": batch, "backend": backend, "ran_as": cell["ran_as"],
-               "tokens_per_second": cell["tokens_per_second"], "peak_extra_gib": cell["peak_extra_gib"],
-               "kv_cache_gib": cell["kv_cache_gib"]}  # fmt: skip
-        row["speedup_vs_hf"] = cell["tokens_per_second"] / hf["tokens_per_second"] if hf else None
-        if cell["kv_cache_gib"] > 0 and cell["peak_extra_gib"] > 0:
-            row["extra_over_kv_cache"] = cell["peak_extra_gib"] / cell["kv_cache_gib"] - 1
-        rows.append(row)
-    ppo = {c["backend"]: c for c in result["ppo_step"] if c.get("status") == "ok"}
-    ppo_speedup = {
-        b: ppo["hf"]["step_s_median"] / c["step_s_median"]
-        for b, c in ppo.items()
-        if "hf" in ppo and b != "hf"
-    }
-    return {"generation": rows, "ppo_step_speedup_vs_hf": ppo_speedup}
-
-
-def targets(summary: dict[str, Any], dry_run: bool) -> dict[str, dict[str, Any]]:
-    """Issue 8's targets as {name: {pass, value, description}}; pass is None when not measured (dry run,
-    a cell skipped, or static fell back to hf)."""
-    out: dict[str, dict[str, Any]] = {}
-    for row in summary["generation"]:
-        if row["backend"] != "static":
-            continue
-        name = f"{row['shape']}-b{row['batch']}"
-        measured = not dry_run and row["ran_as"] == "static"
-        speedup, extra = row["speedup_vs_hf"], row.get("extra_over_kv_cache")
-        out[f"static_4x_hf_tokens_per_s_{name}"] = {
-            "description": f"static >= 4x hf generated tokens/s ({name})",
-            "value": speedup,
-            "pass": None if not measured or speedup is None else speedup >= 4.0,
-        }
-        out[f"static_memory_within_kv_plus_10pct_{name}"] = {
-            "description": f"static peak memory above the weights <= KV cache + 10% ({name})",
-            "value": extra,
-            "pass": None if not measured or extra is None else extra <= 0.10,
-        }
-    ppo = summary["ppo_step_speedup_vs_hf"].get("static")
-    out["ppo_step_static_2x_hf"] = {
-        "description": "PPO step with static >= 2x faster than with hf (0.5B end-to-end preset)",
-        "value": ppo,
-        "pass": None if dry_run or ppo is None else ppo >= 2.0,
-    }
-    return out
-
-
-def markdown(report: dict[str, Any]) -> str:
-    dev = report["device"]
-    lines = [
-        f"# Rollout backends on {dev.get('name')} ({report['date']})",
-        "",
-        f"Plan: {report['plan']}. Wall {report['result']['wall_s']:.1f} s of a "
-        f"{report['time_budget_s']} s budget."
-        + (" DRY RUN (tiny model, CPU): not a measurement." if report["dry_run"] else ""),
-        "",
-        "| shape | batch | backend (ran as) | tokens/s | x hf | peak extra GiB | KV GiB | extra over KV |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def f(x, nd=2):
-        return "-" if x is None else f"{x:.{nd}f}"
-
-    for r in report["summary"]["generation"]:
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['backend']} ({r['ran_as']}) | "
-            f"{r['tokens_per_second']:.0f} | "
-            f"{f(r['speedup_vs_hf'])} | {f(r['peak_extra_gib'], 3)} | {f(r['kv_cache_gib'], 3)} | "
-            f"{f(r.get('extra_over_kv_cache'))} |"
-        )
-    skipped = [c for c in report["result"]["generation"] if c.get("status") != "ok"]
-    for c in skipped:
-        lines.append(f"| {c['shape']} | {c['batch']} | {c['backend']} | {c['status']} | | | | |")
-    lines += [
-        "",
-        "| PPO step | status | step s | generate s | evaluate s | update s | peak GiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for c in report["result"]["ppo_step"]:
-        lines.append(
-            f"| {c['backend']} | {c['status']} | {f(c.get('step_s_median'))} | {f(c.get('time/generate'))} | "
-            f"{f(c.get('time/evaluate'))} | {f(c.get('time/update'))} | {f(c.get('memory_gib/step'))} |"
-        )
-    lines += ["", f"PPO step speed-up vs hf: {report['summary']['ppo_step_speedup_vs_hf']}", ""]
-    lines += ["| target | value | pass |", "|---|---|---|"]
-    for t in report["targets"].values():
-        lines.append(f"| {t['description']} | {f(t['value'])} | {t['pass']} |")
-    lines.append("")
-    return "\n".join(lines)
+def vllm_note() -> dict[str, Any]:
+    installed = importlib.util.find_spec("vllm") is not None
+    why = "installed, not wired into this benchmark" if installed else "not installed"
+    return {"installed": installed, "measured": False, "note": f"vLLM: {why} (its wheels pin another torch)"}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -335,7 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="directory for rollout-<device>-<date>.json/.md")
     p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks every code path")
     p.add_argument("--time-budget-s", type=float, default=150.0, help="stop starting new cells after this")
-    p.add_argument("--backends", default="hf,static", help="comma-separated rollout backends (hf first)")
+    p.add_argument("--backends", default="hf,static,paged", help="comma-separated rollout backends")
     args = p.parse_args(argv)
     backends = tuple(b for b in args.backends.split(",") if b)
     if args.dry_run:
@@ -346,22 +291,29 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         plan = gpu_plan(backends)
     dev = device_info()
-    result = run(plan, args.time_budget_s)
-    report = report_header(SCHEMA, dev) | {
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"rollout-{device_slug(dev)}-{dt.date.today().isoformat()}"
+    header = report_header(SCHEMA, dev) | {
         "dry_run": args.dry_run,
         "time_budget_s": args.time_budget_s,
         "plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()},
-        "result": result,
+        "vllm": vllm_note(),
     }
-    report["summary"] = summarize(result)
-    report["targets"] = targets(report["summary"], args.dry_run)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"rollout-{device_slug(dev)}-{dt.date.today().isoformat()}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+
+    def write(result: dict[str, Any], final: bool) -> dict[str, Any]:
+        report = header | {"complete": final, "result": result, "summary": summarize(result)}
+        report["targets"] = targets(report["summary"], args.dry_run)
+        for suffix, text in ((".json", json.dumps(report, indent=2, default=str) + "\n"),
+                             (".md", markdown(report))):  # fmt: skip
+            tmp = stem.with_name(stem.name + suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(stem.with_name(stem.name + suffix))  # a reader never sees half a file
+        return report
+
+    report = write(run(plan, args.time_budget_s, on_cell=lambda r: write(r, final=False)), final=True)
     print(markdown(report))
-    return out / f"{stem}.json"
+    return stem.with_name(stem.name + ".json")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The rollout engines inside PPO and `fastrlhf sample`: the option reaches them, the first-minibatch ratio
-stays exactly 1 (old log-probs are recomputed by the training kernels), each step logs tokens/s and the KV
-cache."""
+stays exactly 1 (old log-probs are recomputed by the training kernels) with LoRA and gradient checkpointing
+too, each step logs the rollout's tokens/s, peak memory and KV cache."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,13 @@ from fastrlhf.rollout.static import StaticEngine
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a loaded 2-core machine (no spin-waiting)."""
+    """Tiny matmuls: one thread is ~10x faster than two on a loaded 2-core machine (no spin-waiting).
+    Frozen objects: the paged backend's gc.collect() calls (two per call) do not rescan the process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    gc.freeze()
     yield
+    gc.unfreeze()
     torch.set_num_threads(threads)
 
 
@@ -43,28 +48,38 @@ def task() -> DemoTask:
     return DemoTask(seed=0)
 
 
-def test_ppo_with_the_static_backend_keeps_the_first_minibatch_ratio_at_one(
-    base_model, task, tmp_path, torch_backend
+@pytest.mark.parametrize(
+    "backend,lora", [("static", False), ("static", True), ("paged", False)],
+    ids=["static", "static-lora-checkpointing", "paged"],
+)  # fmt: skip
+def test_ppo_with_each_backend_keeps_the_first_minibatch_ratio_at_one(
+    backend, lora, base_model, task, tmp_path, torch_backend
 ):
+    mc = ModelConfig(dtype="float32", lora_rank=4 if lora else 0, gradient_checkpointing=lora)
     cfg = PPOConfig(
         policy=str(base_model), out=str(tmp_path), steps=2, rollout_batch_size=8, ppo_epochs=2,
         num_minibatches=2, micro_batch_size=4, max_new_tokens=6, critic="policy_head",
-        model_config=ModelConfig(dtype="float32"), policy_optim=OptimConfig(lr=1e-3),
-        rollout=RolloutConfig(backend="static", prompt_bucket=8),
+        model_config=mc, policy_optim=OptimConfig(lr=1e-3),
+        rollout=RolloutConfig(backend=backend, prompt_bucket=8),
     )  # fmt: skip
 
     def reward(prompts, completions):
         return [task.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
-    train_ppo(cfg, reward=reward, prompts=task.prompts(16, seed=0))
+    models, _ = train_ppo(cfg, reward=reward, prompts=task.prompts(16, seed=0))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "ratio_first_minibatch_max_dev" in r]
     assert len(steps) == 2
     for record in steps:
         assert record["ratio_first_minibatch_max_dev"] == 0.0
-        assert record["rollout/tokens_per_second"] > 0 and record["rollout/kv_cache_gib"] > 0
-    # The second step reused the first step's cache (same prompt bucket, same batch bucket).
-    assert steps[-1]["rollout/cache_allocations"] == 1
+        # Throughput and the rollout phase's peak device memory (0 on the CPU) are logged every step.
+        assert record["rollout/tokens_per_second"] > 0 and "memory_gib/generate" in record
+    if backend == "static":
+        assert all(r["rollout/kv_cache_gib"] > 0 for r in steps)
+        # The second step reused the first step's cache (same prompt bucket, same batch bucket).
+        assert steps[-1]["rollout/cache_allocations"] == 1
+    if lora:
+        assert models.reference is None  # the reference is the policy with its adapters disabled
 
 
 def test_sample_completions_use_the_configured_backend(base_model, task, torch_backend):
@@ -81,3 +96,22 @@ def test_sample_completions_use_the_configured_backend(base_model, task, torch_b
     cfg.rollout.backend = "hf"
     assert len(sample_completions(policy, tok, prompts, cfg)) == 5
     assert isinstance(engine_for(policy, cfg.rollout), HFEngine)
+
+
+def test_fastrlhf_sample_takes_the_rollout_backend_option(base_model, task, tmp_path, caplog, monkeypatch):
+    """`fastrlhf sample --rollout.backend static` (the command labelers' samples come from)."""
+    from fastrlhf.cli import main
+
+    monkeypatch.setenv("FASTRLHF_KERNELS", "torch")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(task.prompts(3, seed=1)) + "\n")
+    out = tmp_path / "samples.jsonl"
+    argv = ["sample", "--model", str(base_model), "--prompts", str(prompts), "--out", str(out), "--k", "2",
+            "--max_new_tokens", "4", "--rollout.backend", "static", "--rollout.prompt_bucket", "8",
+            "--model_config.dtype", "float32"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fastrlhf"):
+        assert main(argv) == 0
+    assert "rollout backend: static (rollout.backend=static)" in caplog.text
+    assert "falling back" not in caplog.text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["responses"]) == 2 for r in rows)

@@ -251,7 +251,9 @@ def read_rollout(out: Path, log_text: str) -> dict[str, Any]:
     report = _newest_json(out, "rollout-*.json")
     if report is None:
         return {"error": "no rollout-*.json written"}
-    return {"report": report["_file"], "targets": _generic_targets(report.get("targets"))}
+    # "complete": false when the stage was stopped at its cap; the report then holds the cells measured.
+    targets = _generic_targets(report.get("targets"))
+    return {"report": report["_file"], "complete": report.get("complete"), "targets": targets}
 
 
 # The run order: the cheap correctness gate first, then the kernels the targets are about, then the

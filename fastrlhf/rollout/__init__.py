@@ -9,7 +9,16 @@ Backends (``RolloutConfig.backend``):
 - ``static``: ``fastrlhf.rollout.static``: own decode loop on a preallocated ``StaticCache``, the fused
   ``fastrlhf.kernels.sample_tokens`` kernel, decode steps captured as CUDA graphs on CUDA, finished rows
   compacted away. Runs on the training parameters themselves: no copy, no weight sync.
-- ``paged``: transformers continuous batching (``generate_batch``, paged attention).
+- ``paged``: transformers continuous batching (``generate_batch``, paged attention), its paged cache sized
+  from the batch and freed by transformers after every call.
+
+A backend that cannot serve a model (no static cache or paged attention for the architecture, a 4-bit base
+for static, a sliding window shorter than the sequence) falls back to ``hf`` and logs why, once per cause.
+
+Memory (static): the KV cache is batch bucket x (prompt bucket + ``max_new_tokens``) x the model's layers,
+KV heads and head size, allocated once and reused by every rollout that fits in it. By default it is kept
+through the update phase (``keep_cache=True``: no re-allocation or CUDA-graph capture next step; its size is
+logged as ``rollout/kv_cache_gib``); ``keep_cache=False`` frees it before the update phase.
 
 Every backend returns what ``generate`` returns after the prompt: ``[B, R]`` tokens, ``R`` the number of steps
 until every row emitted EOS (at most ``max_new_tokens``), ``pad_token_id`` after a row's EOS.
@@ -108,7 +117,7 @@ def make_engine(cfg: RolloutConfig, device: torch.device) -> RolloutEngine:
         return StaticEngine(cfg)
     from fastrlhf.rollout.paged import PagedEngine
 
-    return PagedEngine()
+    return PagedEngine(cfg)
 
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, tuple[RolloutConfig, RolloutEngine]] = (

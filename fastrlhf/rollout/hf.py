@@ -20,13 +20,14 @@ class HFEngine:
     ) -> Generation:
         synchronize(input_ids.device)
         t0 = time.perf_counter()
-        sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
+        sampling = (
+            {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        )
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=not params.greedy,
             **sampling,
-            top_k=0,
             repetition_penalty=1.0,  # a model's generation_config must not bend what PPO's log-probs assume
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=params.min_new_tokens,

@@ -73,9 +73,17 @@ class ModelCall:
         return out.logits[:, -1]
 
 
-def new_cache(model: nn.Module, cache_len: int) -> StaticCache:
-    """An empty StaticCache; its tensors are allocated by the first forward (the prefill), at that batch."""
-    return StaticCache(config=model.config, max_cache_len=cache_len)
+def allocate(model: nn.Module, batch: int, cache_len: int, device: torch.device) -> StaticCache:
+    """A StaticCache of ``batch`` rows x ``cache_len`` positions, its tensors allocated now. transformers
+    allocates them lazily, at the batch of the first forward: a one-token forward over every row does it
+    without the activations of a full prefill (which then overwrites position 0)."""
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
+    mask[:, 0] = 1
+    ModelCall(model)(ids, mask, torch.zeros_like(ids), cache, torch.zeros(1, dtype=torch.long, device=device))
+    reset(cache)
+    return cache
 
 
 def batch_view(cache: StaticCache, batch: int, start: int = 0) -> StaticCache:

@@ -4,7 +4,9 @@ One rollout:
 
 1. The prompts are left-padded to a multiple of ``prompt_bucket`` (P) and the batch to a power-of-two
    bucket (B, extra rows repeat the last prompt and count as finished). The cache holds B x (P +
-   max_new_tokens) positions; it is allocated by the first rollout of that shape and reused after.
+   max_new_tokens) positions of the model's KV heads; it is allocated by the first rollout and reused by
+   every later one that fits in it (more left padding, or the first rows of the cache). One that does not
+   fit replaces it by a cache of the larger of both shapes, so allocations stop at the largest shape.
 2. Prefill: one forward over the prompts (eager), then the first token is sampled.
 3. Decode: one step = forward of the last tokens at their cache position + ``sample_tokens`` (temperature,
    top-p, suppressed ids, EOS masked before ``min_new_tokens``) + bookkeeping, all on the device with
@@ -32,6 +34,7 @@ from fastrlhf.kernels import sample_tokens
 from fastrlhf.models import position_ids, unwrap
 from fastrlhf.rollout import Generation, SamplingParams, synchronize
 from fastrlhf.rollout import kv_cache as kvc
+from fastrlhf.rollout.graphs import capture_cuda_graph, weights_fingerprint
 from fastrlhf.rollout.hf import HFEngine
 
 log = logging.getLogger("fastrlhf")
@@ -49,17 +52,6 @@ def batch_buckets(batch: int, smallest: int) -> list[int]:
 
 def prompt_bucket_len(prompt_len: int, bucket: int) -> int:
     return max(bucket, math.ceil(prompt_len / bucket) * bucket)
-
-
-def weights_fingerprint(model: nn.Module) -> tuple:
-    """Parameter and buffer addresses and the LoRA adapter switches: what a captured graph bakes in."""
-    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
-    adapters = tuple(
-        bool(m.disable_adapters)
-        for m in model.modules()
-        if isinstance(getattr(m, "disable_adapters", None), bool)
-    )
-    return tensors, adapters
 
 
 @dataclass
@@ -86,13 +78,26 @@ class _DecodeState:
 
 @dataclass
 class _Storage:
-    """The KV cache of one (batch, cache length, dtype) shape, its batch-bucket views and their graphs."""
+    """The KV cache of one model, ``batch`` x ``cache_len``, its batch-bucket views and their graphs."""
 
-    key: tuple
-    cache: object  # transformers StaticCache, batch = the largest bucket
+    key: tuple  # (dtype, id of the model)
+    batch: int
+    cache_len: int
+    cache: object  # transformers StaticCache
     views: dict[int, object] = field(default_factory=dict)
     graphs: dict[tuple, torch.cuda.CUDAGraph] = field(default_factory=dict)
     state: _DecodeState | None = None
+
+    def fits(self, key: tuple, batch: int, cache_len: int) -> bool:
+        return self.key == key and batch <= self.batch and cache_len <= self.cache_len
+
+    def view(self, batch: int):
+        """The cache's first ``batch`` rows (one view object per size: the graphs captured its counters)."""
+        if batch == self.batch:
+            return self.cache
+        if batch not in self.views:
+            self.views[batch] = kvc.batch_view(self.cache, batch)
+        return self.views[batch]
 
 
 class StaticEngine:
@@ -127,12 +132,14 @@ class StaticEngine:
                 self._warned.add(reason)
             return self._fallback.generate(model, input_ids, attention_mask, params)
         if base.training:
-            raise ValueError("static rollout needs the model in eval mode (gradient checkpointing off)")
+            raise ValueError(
+                "static rollout needs model.eval() (gradient checkpointing acts in training only)"
+            )
         device = input_ids.device
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            tokens = self._generate(base, input_ids, attention_mask, params, padded_len, cache_len)
+            tokens = self._generate(base, input_ids, attention_mask, params, cache_len)
         synchronize(device)
         seconds = time.perf_counter() - t0
         kv_bytes = kvc.nbytes(self._storage.cache) if self._storage is not None else 0
@@ -151,11 +158,17 @@ class StaticEngine:
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------------------------------------- setup
-    def _storage_for(self, base: nn.Module, batch: int, cache_len: int, dtype: torch.dtype) -> _Storage:
-        key = (batch, cache_len, dtype, id(base))
-        if self._storage is None or self._storage.key != key:
-            self._storage = None  # free the old cache before allocating the new one
-            self._storage = _Storage(key, kvc.new_cache(base, cache_len))
+    def _storage_for(self, base: nn.Module, batch: int, cache_len: int, device: torch.device) -> _Storage:
+        """The held cache if ``batch`` x ``cache_len`` fits in it, else a new one of the larger shape."""
+        key = (base.dtype, id(base))
+        old = self._storage
+        if old is None or not old.fits(key, batch, cache_len):
+            if old is not None and old.key == key:
+                grown = max(old.batch, batch), max(old.cache_len, cache_len)
+                if kvc.unsupported_reason(base, grown[1]) is None:  # a sliding window can cap the length
+                    batch, cache_len = grown
+            self._storage = old = None  # free the old cache before allocating the new one
+            self._storage = _Storage(key, batch, cache_len, kvc.allocate(base, batch, cache_len, device))
             self.allocations += 1
         fingerprint = weights_fingerprint(base)
         if self._fingerprint != fingerprint:
@@ -169,15 +182,16 @@ class StaticEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         params: SamplingParams,
-        padded_len: int,
         cache_len: int,
     ) -> torch.Tensor:
         device = input_ids.device
         n, prompt_len = input_ids.shape
         buckets = batch_buckets(n, self.cfg.min_batch_bucket)
         big = buckets[0]
-        storage = self._storage_for(base, big, cache_len, base.dtype)
-        cache = storage.cache
+        storage = self._storage_for(base, big, cache_len, device)
+        cache_len = storage.cache_len
+        padded_len = cache_len - params.max_new_tokens  # the prompt bucket's, or more in a longer cache
+        cache = storage.view(big)
         kvc.reset(cache)
 
         # Prompts left-padded to the bucket length; extra batch rows repeat the last prompt (never NaN).
@@ -191,11 +205,10 @@ class StaticEngine:
 
         call = kvc.ModelCall(base)
         logits = self._prefill(call, cache, ids, mask, prompt_positions)
-        state = self._decode_state(storage, big, cache_len, params, mask, prompt_positions, padded_len, n)
+        state = self._decode_state(storage, big, params, mask, prompt_positions, padded_len, n)
         self._sample_and_advance(logits, state, params, big)
 
         bucket = big
-        views = {big: cache}
         for step in range(1, params.max_new_tokens):
             if step % self.cfg.compact_every == 1 or self.cfg.compact_every == 1:
                 alive = int((~state.finished[:bucket]).sum())
@@ -203,14 +216,12 @@ class StaticEngine:
                     break
                 smaller = min(b for b in buckets if b >= alive)
                 if smaller < bucket:
-                    self._compact(views[bucket], state, bucket, smaller)
-                    if smaller not in storage.views:
-                        storage.views[smaller] = kvc.batch_view(cache, smaller)
-                    views[smaller] = storage.views[smaller]
-                    kvc.follow_length(views[smaller], views[bucket])
-                    bucket = smaller
-            self._decode_step(storage, call, views[bucket], state, params, bucket, cache_len)
-        out = state.out[:n]
+                    self._compact(cache, state, bucket, smaller)
+                    view = storage.view(smaller)
+                    kvc.follow_length(view, cache)
+                    cache, bucket = view, smaller
+            self._decode_step(storage, call, cache, state, params, bucket, cache_len)
+        out = state.out[:n, : params.max_new_tokens]
         # A copy: the buffer is the next rollout's (and the captured graphs') output.
         return out[:, : _response_len(out, state.eos, params.max_new_tokens)].clone()
 
@@ -218,13 +229,6 @@ class StaticEngine:
         """Last-position logits [B, V] of the prompts, written into the cache in chunks of rows."""
         big, padded_len = ids.shape
         cache_positions = torch.arange(padded_len, device=ids.device)
-        if not getattr(cache.layers[0], "is_initialized", False):
-            # The first forward allocates the cache at its batch: a one-token forward over every row does
-            # it without the activations of a full prefill; the prefill below overwrites its position 0.
-            first = torch.zeros_like(mask)
-            first[:, 0] = 1
-            call(ids[:, :1], first, torch.zeros_like(positions[:, :1]), cache, cache_positions[:1])
-            kvc.reset(cache)
         rows = max(1, self.cfg.prefill_tokens // padded_len)
         if rows >= big:
             return call(ids, mask, positions, cache, cache_positions)
@@ -239,21 +243,23 @@ class StaticEngine:
         return torch.cat(logits)
 
     def _decode_state(
-        self, storage: _Storage, big: int, cache_len: int, params: SamplingParams, mask: torch.Tensor,
+        self, storage: _Storage, big: int, params: SamplingParams, mask: torch.Tensor,
         prompt_positions: torch.Tensor, padded_len: int, n: int,
     ) -> _DecodeState:  # fmt: skip
-        """Fill the storage's decode tensors in place (their addresses are what the graphs captured)."""
+        """Fill the storage's decode tensors in place (their addresses are what the graphs captured); they
+        have the storage's rows and length, this rollout uses the first ``big`` rows."""
         device = mask.device
         state = storage.state
+        rows, cache_len = storage.batch, storage.cache_len
         if state is None:
             suppress = torch.tensor(params.suppress_ids, dtype=torch.long, device=device)
             state = _DecodeState(
-                tokens_in=torch.zeros(big, 1, dtype=torch.long, device=device),
-                positions=torch.zeros(big, 1, dtype=torch.long, device=device),
-                mask=torch.zeros(big, cache_len, dtype=torch.long, device=device),
-                rows=torch.zeros(big, dtype=torch.long, device=device),
-                finished=torch.zeros(big, dtype=torch.bool, device=device),
-                out=torch.zeros(big, params.max_new_tokens, dtype=torch.long, device=device),
+                tokens_in=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                positions=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                mask=torch.zeros(rows, cache_len, dtype=torch.long, device=device),
+                rows=torch.zeros(rows, dtype=torch.long, device=device),
+                finished=torch.zeros(rows, dtype=torch.bool, device=device),
+                out=torch.zeros(rows, cache_len, dtype=torch.long, device=device),  # >= max_new_tokens
                 step=torch.zeros(1, dtype=torch.long, device=device),
                 cache_position=torch.zeros(1, dtype=torch.long, device=device),
                 seed=torch.zeros(1, dtype=torch.long, device=device),
@@ -268,9 +274,9 @@ class StaticEngine:
             state.suppress_ids = params.suppress_ids
             storage.graphs.clear()
         state.eos.fill_(params.eos_token_id)
-        state.mask.copy_(mask)
-        state.positions.copy_(prompt_positions[:, -1:] + 1)
-        state.rows.copy_(torch.arange(big, device=device))
+        state.mask[:big].copy_(mask)
+        state.positions[:big].copy_(prompt_positions[:, -1:] + 1)
+        state.rows[:big].copy_(torch.arange(big, device=device))
         state.finished.zero_()
         state.finished[n:] = True  # batch-padding rows
         state.out.fill_(params.pad_token_id)
@@ -370,22 +376,6 @@ class StaticEngine:
         kvc.reorder_rows(cache, order)
         for t in (state.tokens_in, state.positions, state.mask, state.rows, state.finished):
             t[:smaller] = t[:bucket].index_select(0, order)
-
-
-def capture_cuda_graph(body, restore, pool) -> torch.cuda.CUDAGraph:
-    """Warm ``body`` up on a side stream (as ``torch.cuda.graphs`` asks), undo it, capture it, undo the
-    capture's host-side effects: the graph's first replay is then the step itself."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    restore()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        body()
-    restore()
-    return graph
 
 
 def _response_len(out: torch.Tensor, eos: torch.Tensor, max_new: int) -> int:
