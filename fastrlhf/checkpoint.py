@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 LATEST = "latest"
 _COMPLETE = re.compile(r"^step-(\d+)$")
@@ -93,8 +93,8 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     *,
-    modules: Mapping[str, torch.nn.Module],
-    optimizers: Mapping[str, torch.optim.Optimizer],
+    modules: Mapping[str, torch.nn.Module | Mapping[str, torch.Tensor]],
+    optimizers: Mapping[str, torch.optim.Optimizer | Mapping[str, Any]],
     state: dict[str, Any],
     keep: int | None = 2,
 ) -> Path:
@@ -103,7 +103,15 @@ def save_checkpoint(
     Refuses (:class:`NonFiniteLossError`) to save weights that hold NaN/inf, so a diverged model never
     becomes the checkpoint to resume from. Afterwards only the ``keep`` newest checkpoints up to ``step``
     remain (None keeps all); checkpoints of later steps, from a run resumed at an earlier one, are left alone.
+    A module or optimizer may also be given as its (already gathered) state dict. Under torchrun, sharded
+    modules are gathered and rank 0 alone writes (``fastrlhf.distributed.checkpoint``).
     """
+    if _sharded(modules.values()):  # under torchrun: gathered, then written here by rank 0 only
+        from fastrlhf.distributed import checkpoint as distributed
+
+        return distributed.save_checkpoint(
+            root, step, modules=modules, optimizers=optimizers, state=state, keep=keep
+        )
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 (or None to keep all), got {keep}")
     for name in [*modules, *optimizers]:
@@ -128,9 +136,14 @@ def save_checkpoint(
     aside = None
     try:
         for name, module in modules.items():
-            # save_model stores a tensor shared by several names (tied embeddings) once; save_file rejects it.
-            save_model(module, str(tmp / f"{name}.safetensors"))
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizers.pt")
+            if isinstance(module, Mapping):  # an already gathered state dict (a sharded run's rank 0)
+                save_file(dict(module), str(tmp / f"{name}.safetensors"))
+            else:  # save_model stores a tensor shared by several names once; save_file rejects it.
+                save_model(module, str(tmp / f"{name}.safetensors"))
+        torch.save(
+            {name: opt if isinstance(opt, Mapping) else opt.state_dict() for name, opt in optimizers.items()},
+            tmp / "optimizers.pt",
+        )
         torch.save({"step": step, "state": state, "rng": _rng_state()}, tmp / "state.pt")
         try:
             torch.load(tmp / "state.pt", weights_only=True)
@@ -168,6 +181,10 @@ def load_checkpoint(
     Returns None when ``root`` holds no checkpoint. The names given must be exactly those saved, and every
     module weight must match (strict), so a resume with a changed model fails instead of half-loading.
     """
+    if _sharded(modules.values()):
+        from fastrlhf.distributed import checkpoint as distributed
+
+        return distributed.load_checkpoint(root, modules=modules, optimizers=optimizers)
     path = latest_checkpoint(root)
     if path is None:
         return None
@@ -188,12 +205,21 @@ def load_checkpoint(
     return blob["state"]
 
 
-def _check_finite_weights(name: str, module: torch.nn.Module, step: int, previous: Path | None) -> None:
+def _sharded(modules) -> bool:
+    """Whether these are modules of a run under torchrun (FSDP2-sharded; see ``fastrlhf.distributed``)."""
+    from fastrlhf.distributed import active
+
+    return active() and any(isinstance(m, torch.nn.Module) for m in modules)
+
+
+def _check_finite_weights(
+    name: str, module: torch.nn.Module | Mapping[str, torch.Tensor], step: int, previous: Path | None
+) -> None:
     # A float32 sum is non-finite iff some element is (sane weights cannot overflow it), and unlike
     # isfinite(t).all() it allocates nothing the size of the tensor.
     sums = [
         (k, t.detach().sum(dtype=torch.float32))
-        for k, t in module.state_dict().items()
+        for k, t in (module if isinstance(module, Mapping) else module.state_dict()).items()
         if t.is_floating_point()
     ]
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}

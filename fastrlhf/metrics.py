@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +59,10 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        from fastrlhf.distributed import is_main
+
+        if not is_main():  # under torchrun rank 0 alone records; every logged value is already global
+            self.path, tensorboard, wandb = Path(os.devnull), False, False
         self._file: Any = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb: Any = None
         self._wandb: Any = None

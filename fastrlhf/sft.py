@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastrlhf import distributed
 from fastrlhf.config import SFTConfig
 from fastrlhf.data import SFTExample, encode_prompt, encode_response, filter_long_prompts, load_sft, sft_batch
 from fastrlhf.metrics import MetricsLogger
@@ -46,6 +47,8 @@ def train_sft(
 
     ``examples`` replaces ``cfg.data`` for callers that build demonstrations in memory.
     """
+    cfg.validate(provided=("data",) if examples is not None else ())  # before anything loads
+    distributed.init()  # under torchrun: join the job (a no-op in one process)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

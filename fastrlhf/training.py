@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastrlhf import distributed
 from fastrlhf.checkpoint import (
     NonFiniteLossError,
     check_finite,
@@ -127,8 +128,17 @@ def supervised_loop(
 ) -> int:
     """The SFT and reward-model training loop: deterministic shuffled batches, gradient accumulation over
     micro-batches, warmup, clipping, a NaN check before every backward, and resumable checkpoints in
-    ``out/checkpoints`` (a run started again resumes where it stopped). Returns the number of steps."""
+    ``out/checkpoints`` (a run started again resumes where it stopped). Returns the number of steps.
+
+    Under torchrun the model is sharded (FSDP2) and each rank runs the micro-batches of its share of every
+    batch; ``micro_loss`` gets the whole batch, so its normalization stays global, and the ranks' gradients
+    and metrics are summed."""
     check_batch_sizes(batch_size, micro_batch_size, len(data), f"{phase} examples")
+    if batch_size % distributed.world().size:
+        raise ValueError(
+            f"batch_size ({batch_size}) must divide evenly over {distributed.world().size} processes"
+        )
+    distributed.shard(model)
     device = next(model.parameters()).device
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, optim, model_config, device)
@@ -149,13 +159,15 @@ def supervised_loop(
         batch = batches[step]
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
-        for micro in micro_batches(batch, micro_batch_size):
+        for micro in micro_batches(distributed.local_rows(batch), micro_batch_size):
             loss, micro_metrics = micro_loss(micro, batch)
-            with naming_last_checkpoint(ckpt_dir):
-                check_finite(f"{phase} loss", loss, step)  # micro_loss has synchronized already
+            with naming_last_checkpoint(ckpt_dir):  # micro_loss has synchronized already
+                check_finite(f"{phase} loss", distributed.sum(loss.detach()), step)  # every rank stops
             loss.backward()
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
+        if distributed.active():
+            metrics = {k: float(v) for k, v in distributed.metrics_sum(metrics).items()}
         with naming_last_checkpoint(ckpt_dir):
             optimizer_step(optimizer, scheduler, params, optim.max_grad_norm, step)
         step += 1
@@ -180,6 +192,10 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> nn.Module:
     so transformers loads the result without peft. A 4-bit base cannot be merged losslessly: its adapters are
     saved instead, and transformers loads them through peft.
     """
+    if distributed.active():  # gathered, written once by rank 0
+        from fastrlhf.distributed.checkpoint import save_model as save_sharded
+
+        return save_sharded(model, tokenizer, path)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +212,9 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> nn.Module:
 
 
 def finish_run(out: Path, summary: dict) -> None:
-    """Write summary.json and the training curves next to metrics.jsonl."""
+    """Write summary.json and the training curves next to metrics.jsonl (rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
     if metrics.exists():

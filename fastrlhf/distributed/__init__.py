@@ -1,0 +1,67 @@
+"""Data-parallel training over several processes (``torchrun``) on PyTorch FSDP2.
+
+    torchrun --nproc_per_node 8 -m fastrlhf.cli ppo --config run.yaml
+
+The stages call this package at a few points; without torchrun (or with one process) every call is a no-op
+or returns what the one-process code computes, so the single-GPU path is unchanged:
+
+- ``init()`` joins the job (nccl on CUDA, gloo on CPU); ``world()`` says which rank this is;
+- ``shard(model)`` / ``shard_ppo_models`` shard the models with FSDP2 (``fastrlhf.distributed.fsdp``);
+- ``local_rows(batch)`` is this rank's share of a global batch;
+- ``sum`` / ``max`` / ``count`` / ``mean`` / ``std`` / ``masked_mean`` / ``masked_var`` / ``masked_whiten`` /
+  ``whiten_advantages`` give the global values (token counts, whitening, the KL controller's KL, metrics);
+- checkpoints and exported models are gathered and written once by rank 0
+  (``fastrlhf.distributed.checkpoint``, called by ``fastrlhf.checkpoint`` and ``training.save_model``).
+"""
+
+from fastrlhf.distributed.fsdp import gathered, reshard, rollout_config, shard, shard_ppo_models
+from fastrlhf.distributed.runtime import (
+    World,
+    active,
+    barrier,
+    broadcast_object,
+    count,
+    init,
+    is_main,
+    local_rows,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    max,
+    mean,
+    metrics_sum,
+    seed_step,
+    shutdown,
+    std,
+    sum,
+    whiten_advantages,
+    world,
+)
+
+__all__ = [
+    "World",
+    "active",
+    "barrier",
+    "broadcast_object",
+    "count",
+    "gathered",
+    "init",
+    "is_main",
+    "local_rows",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "max",
+    "mean",
+    "metrics_sum",
+    "reshard",
+    "rollout_config",
+    "seed_step",
+    "shard",
+    "shard_ppo_models",
+    "shutdown",
+    "std",
+    "sum",
+    "whiten_advantages",
+    "world",
+]

@@ -1,0 +1,215 @@
+"""torchrun on 2 gloo ranks (CPU) against one process on the union batch: gradients, losses, statistics and
+weights agree to fp32 rounding; checkpoints are written once and resume at either world size.
+
+Each module-scoped fixture is one ``torchrun --nproc_per_node 2`` of ``tests/distributed_support.py`` running
+several scenarios (the start-up, mostly imports, dominates); the one-process references run in this process.
+Gradients are compared *before* the optimizer step: AdamW would hide a factor of 2 (averaged instead of summed
+gradients), a gradient comparison does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_support import make_base, run_ppo_update, run_sft, run_whiten
+from transformers import AutoModelForCausalLM
+
+from fastrlhf.checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORT = ROOT / "tests" / "distributed_support.py"
+GRAD_ATOL = 1e-6  # fp32, gradients ~1e-1: summation order only
+WEIGHT_ATOL = 2e-5  # after 1-4 AdamW steps at lr 1e-2
+
+
+def torchrun(scenarios: list[dict], timeout: float = 300) -> None:
+    env = {**os.environ, "FASTRLHF_KERNELS": "torch", "OMP_NUM_THREADS": "1", "FASTRLHF_DIST_TIMEOUT": "120"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(SUPPORT), "list", json.dumps(scenarios)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bases")
+    return {"tied": str(make_base(root / "tied", tied=True)), "untied": str(make_base(root / "untied"))}
+
+
+def assert_same_grads(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> None:
+    assert len(got) == len(want) > 0, (len(got), len(want))
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert len(g) == len(w), f"step {step}: {len(g)} vs {len(w)} gradients"
+        for a, b in zip(g, w, strict=True):
+            torch.testing.assert_close(a, b, atol=GRAD_ATOL, rtol=1e-5, msg=f"gradient at step {step}")
+
+
+def assert_same_weights(got: dict, want: dict, atol: float = WEIGHT_ATOL) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=1e-5, msg=f"weight {k}")
+
+
+def _copy_checkpoints(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+
+
+# 16 demonstrations, batches of 8 in micro-batches of 2: 4 steps, a checkpoint after step 2.
+SFT = {"epochs": 2, "save_every": 2}
+LORA_SFT = {"model_config": {"lora_rank": 4}}
+
+# --------------------------------------------------------------------------------------- PPO, statistics
+
+PPO_CASES = {
+    # 4 models (policy, frozen reference, critic from the RM, frozen RM), tied embeddings, 2 minibatches.
+    "critic_tied": {"base": "tied", "critic": "reward_model", "num_minibatches": 2},
+    # value head on the policy trunk, reward whitening, 2 epochs, adaptive KL, micro-batches of 2.
+    "head_whiten_rewards": {
+        "base": "untied",
+        "critic": "policy_head",
+        "whiten_rewards": True,
+        "ppo_epochs": 2,
+        "num_minibatches": 1,
+        "kl_target": 6.0,
+        "micro_batch_size": 2,
+    },
+    # LoRA (reference = adapters off) with gradient checkpointing, both applied before sharding.
+    "lora_checkpointing": {
+        "base": "untied",
+        "model_config": {"lora_rank": 4, "gradient_checkpointing": True},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def runs(bases, tmp_path_factory) -> Path:
+    """Everything on 2 ranks in ONE torchrun (its start-up dominates): global statistics, the PPO cases, SFT
+    (full, a resume of the one-process checkpoint, LoRA), and train_ppo (full, then restarted after step 1).
+    The one-process SFT runs first here, since the 1 -> 2 resume starts from its checkpoint."""
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["FASTRLHF_KERNELS"] = "torch"
+    try:
+        run_sft({**SFT, "base": bases["tied"], "out": str(root / "sft_one")})
+        run_sft({**LORA_SFT, "base": bases["untied"], "out": str(root / "lora_one")})
+    finally:
+        os.environ.pop("FASTRLHF_KERNELS")
+    _copy_checkpoints(root / "sft_one", root / "resume_1_to_2")
+    scenarios = [{"scenario": "whiten", "out": str(root / "whiten2")}]
+    for name, case in PPO_CASES.items():
+        scenarios.append(
+            {"scenario": "ppo_update", **case, "base": bases[case["base"]], "out": str(root / name)}
+        )
+    scenarios += [
+        {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "sft_two")},
+        {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "resume_1_to_2")},
+        {"scenario": "sft", **LORA_SFT, "base": bases["untied"], "out": str(root / "lora_two")},
+    ]
+    ppo = {"scenario": "ppo_train", "base": bases["tied"], "steps": 2, "save_every": 1}
+    scenarios += [
+        {**ppo, "out": str(root / "ppo_full")},
+        {"scenario": "copy_checkpoints", "src": str(root / "ppo_full"), "dst": str(root / "ppo_resumed")},
+        {**ppo, "out": str(root / "ppo_resumed")},
+    ]
+    torchrun(scenarios)
+    return root
+
+
+@pytest.mark.parametrize("case", list(PPO_CASES))
+def test_ppo_step_on_two_ranks_equals_one_process(runs, bases, case, tmp_path, torch_backend):
+    args = {**PPO_CASES[case], "out": str(tmp_path)}
+    args["base"] = bases[args["base"]]
+    run_ppo_update(args)
+    want = torch.load(tmp_path / "result.pt")
+    got = torch.load(runs / case / "result.pt")
+    # Experience: scores (frozen RM), log-probs (policy, reference), values, then global whitening.
+    for name in ("scores", "logp", "ref_logp", "values", "rewards", "returns", "advantages"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+    # Losses and every logged statistic are global (token-mean over all ranks).
+    for key, value in want["stats"].items():
+        assert got["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert got["kl_coef"] == pytest.approx(want["kl_coef"], rel=1e-9)
+    assert_same_grads(got["grads"], want["grads"])
+    for model in ("policy", "critic", "value_head"):
+        assert_same_weights(got[model], want[model])
+
+
+def test_global_statistics_equal_one_process(runs, tmp_path, torch_backend):
+    run_whiten({"out": str(tmp_path)})
+    want = torch.load(tmp_path / "whiten.pt")
+    got = torch.load(runs / "whiten2" / "whiten.pt")
+    for key, value in want.items():
+        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(value), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- SFT, checkpoints, export
+
+
+def test_sft_on_two_ranks_equals_one_process(runs):
+    want = torch.load(runs / "sft_one" / "result.pt")
+    got = torch.load(runs / "sft_two" / "result.pt")
+    assert_same_grads(got["grads"], want["grads"])
+    assert_same_weights(got["weights"], want["weights"])
+    lines = [json.loads(x) for x in (runs / "sft_two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (runs / "sft_one" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]  # rank 0 alone logs
+    for a, b in zip(lines, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_checkpoint_is_written_once_and_resumes_at_either_world_size(runs, bases, tmp_path, torch_backend):
+    ckpt = runs / "sft_two" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000002"]  # no tmp/old leftovers
+    assert latest_checkpoint(ckpt).name == "step-000002"
+    assert sorted(p.name for p in (ckpt / "step-000002").iterdir()) == [
+        "model.safetensors", "optimizers.pt", "state.pt"
+    ]  # fmt: skip
+    want = torch.load(runs / "sft_one" / "result.pt")["weights"]
+    # 1 -> 2: the one-process checkpoint resumed on two ranks ends where the uninterrupted run ended.
+    resumed = torch.load(runs / "resume_1_to_2" / "result.pt")
+    assert len(resumed["grads"]) == 2  # steps 3 and 4 only
+    assert_same_weights(resumed["weights"], want)
+    # 2 -> 1: the two-rank checkpoint resumed in one process.
+    _copy_checkpoints(runs / "sft_two", tmp_path / "resume_2_to_1")
+    run_sft({**SFT, "base": bases["tied"], "out": str(tmp_path / "resume_2_to_1")})
+    got = torch.load(tmp_path / "resume_2_to_1" / "result.pt")
+    assert len(got["grads"]) == 2
+    assert_same_weights(got["weights"], want)
+
+
+@pytest.mark.parametrize("run", ["sft_two", "lora_two"])
+def test_exported_model_loads_with_from_pretrained(runs, run):
+    """save_pretrained written once from the gathered full state dict (LoRA merged into the base, as in one
+    process); transformers loads it and it gives the one-process export's log-probs."""
+    one = "sft_one" if run == "sft_two" else "lora_one"
+    got = AutoModelForCausalLM.from_pretrained(runs / run / "model")
+    want = AutoModelForCausalLM.from_pretrained(runs / one / "model")
+    assert not hasattr(got, "peft_config")
+    ids = torch.randint(3, got.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = got(ids).logits.log_softmax(-1), want(ids).logits.log_softmax(-1)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ PPO end to end
+
+
+def test_train_ppo_on_two_ranks_resumes_exactly(runs):
+    """train_ppo under torchrun: sampling under FSDP2 (ranks stop at different lengths), a checkpoint after
+    step 1; a restart from it ends bit-equal to the uninterrupted run (seeds derive from the step)."""
+    full, resumed = runs / "ppo_full", runs / "ppo_resumed"
+    a, b = torch.load(full / "result.pt"), torch.load(resumed / "result.pt")
+    assert len(a["grads"]) == 4 and len(b["grads"]) == 2  # (2 minibatches) x (2 steps) vs step 2 only
+    assert_same_weights(b["weights"], a["weights"], atol=0)
+    records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["kl"] >= 0 and r["response_length"] > 0 for r in records)
+    AutoModelForCausalLM.from_pretrained(full / "policy")
