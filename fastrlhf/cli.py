@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from fastrlhf.checkpoint import NonFiniteLossError
-from fastrlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
+from fastrlhf.config import PPOConfig, RMConfig, SFTConfig, field_docs, load_config, show_value
 
 COMMANDS = {
     "sft": "supervised fine-tuning on prompt/completion demonstrations",
@@ -53,19 +53,70 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             i += 2
         else:
             raise SystemExit(f"error: option {token} needs a value")
-        overrides[key] = yaml.safe_load(value) if value != "" else ""
+        try:
+            overrides[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:  # not a YAML scalar (an unclosed bracket, say): the text itself
+            overrides[key] = value
     return overrides
 
 
-def _options_help(cls: type, prefix: str = "") -> list[str]:
+def config_class(command: str) -> type:
+    """The config dataclass of a command (imported on demand: some pull in the whole trainer)."""
+    if command == "demo":
+        from fastrlhf.demo import DemoConfig
+
+        return DemoConfig
+    if command == "pipeline":
+        from fastrlhf.pipeline import PipelineConfig
+
+        return PipelineConfig
+    if command == "rank":
+        from fastrlhf.rank import RankConfig
+
+        return RankConfig
+    if command == "judge":
+        from fastrlhf.config import JudgeConfig
+
+        return JudgeConfig
+    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": PPOConfig}[command]
+
+
+def _options_help(cfg: Any, prefix: str = "", *, docs: bool = False) -> list[str]:
+    """Every option of config object ``cfg`` with its default (and, with ``docs``, its docstring)."""
     lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    field_doc = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        default = getattr(cfg, f.name)
         if dataclasses.is_dataclass(default):
-            lines += _options_help(type(default), f"{prefix}{f.name}.")
-        else:
-            lines.append(f"  --{prefix}{f.name} (default: {default!r})")
+            if docs:
+                about = field_doc.get(f.name) or (type(default).__doc__ or "").strip()
+                lines.append(f"  {prefix}{f.name}.*: {' '.join(about.split())}")
+            lines += _options_help(default, f"{prefix}{f.name}.", docs=docs)
+            continue
+        lines.append(f"  --{prefix}{f.name} (default: {show_value(default)})")
+        if docs and f.name in field_doc:
+            lines += [f"        {line}" if line else "" for line in field_doc[f.name].splitlines()]
     return lines
+
+
+_Formatter = argparse.RawDescriptionHelpFormatter  # keeps the docstrings' own line breaks
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose --help also lists the config options, built only when help is asked for."""
+
+    def __init__(self, *args: Any, command: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def format_help(self) -> str:
+        if self.command is not None and self.epilog is None:
+            options = _options_help(config_class(self.command)(), docs=True)
+            self.epilog = (
+                "config options: --name value (dotted for nested options; values are read as YAML scalars),\n"
+                "or the same names as a mapping in the --config YAML file:\n" + "\n".join(options)
+            )
+        return super().format_help()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(prog="fastrlhf", description="InstructGPT-style RLHF on one GPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, text in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, command=name, formatter_class=_Formatter)
         p.add_argument("--config", help="YAML file of options (a mapping of this command's fields)")
         p.add_argument("--list-options", action="store_true", help="print every option and its default")
         if name == "pipeline":
@@ -93,29 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
 
-    if args.command == "demo":
-        from fastrlhf.demo import DemoConfig
-
-        cls: type = DemoConfig
-    elif args.command == "pipeline":
-        from fastrlhf.pipeline import PipelineConfig
-
-        cls = PipelineConfig
-    elif args.command == "rank":
-        from fastrlhf.rank import RankConfig
-
-        cls = RankConfig
-    elif args.command == "judge":
-        from fastrlhf.config import JudgeConfig
-
-        cls = JudgeConfig
-    else:
-        cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": PPOConfig}[args.command]
+    cls = config_class(args.command)
     if args.list_options:
-        print("\n".join(_options_help(cls)))
+        print("\n".join(_options_help(cls())))
         return 0
-    try:
+    try:  # a bad option is reported here, in one line, before any model or data is loaded
         cfg = load_config(cls, args.config, overrides)
+        _validate(args, cfg)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _validate(args: argparse.Namespace, cfg) -> None:
+    """Every option of the command (the Python API checks the same again before it loads anything)."""
+    if args.command == "sample":
+        from fastrlhf.pipeline import check_sample_options
+
+        check_sample_options(args.model, args.prompts, args.out, args.k, cfg)
+    elif args.command == "rank":
+        cfg.validate(provided=("data",) if args.report else ())  # the report reads --out alone
+    else:
+        cfg.validate()
 
 
 def _run(args: argparse.Namespace, cfg) -> int:

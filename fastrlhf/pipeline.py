@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastrlhf.config import JudgeConfig, PPOConfig, RMConfig, SFTConfig
+from fastrlhf.config import (
+    ConfigError,
+    JudgeConfig,
+    OptionChecker,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    check_data_path,
+    check_model_path,
+)
 from fastrlhf.data import Prompt, load_prompts
 from fastrlhf.models import default_device, load_causal_lm, load_tokenizer
 from fastrlhf.ppo_trainer import sample_completions, train_ppo
+from fastrlhf.rank.task import MAX_RESPONSES
 from fastrlhf.rm import train_rm
 from fastrlhf.sft import train_sft
 from fastrlhf.training import log
@@ -52,22 +63,31 @@ class PipelineConfig:
     """Skip SFT and the rounds that outputs.json and round_data.json record as finished on the same data
     (to continue after people ranked a round's samples, say) instead of training them again."""
 
-
-def _check(cfg: PipelineConfig) -> None:
-    if cfg.labeling not in LABELING:
-        raise ValueError(f"labeling must be one of {', '.join(LABELING)}, got {cfg.labeling!r}")
-    if cfg.k < 2:
-        raise ValueError(f"k must be at least 2 responses per prompt, got {cfg.k}")
-    if cfg.labeling == "judge":
-        if cfg.rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {cfg.rounds}")
-        judge = Path(cfg.judge.model).resolve() if cfg.judge.model else None
-        policies = {Path(p).resolve() for p in (cfg.sft.model, Path(cfg.out) / "sft" / "model") if p}
-        if judge is not None and judge in policies:
-            raise ValueError(
-                "judge.model is the model being trained: a policy judging its own samples prefers itself "
-                "(self-preference); use a different model"
-            )
+    def validate(self, prefix: str = "", *, provided: Collection[str] = ()) -> PipelineConfig:
+        """Raise :class:`ConfigError` for a value that cannot work, in any stage, before anything runs.
+        The paths between stages (``rm.model``, ``ppo.policy``, ...) are filled in here, so not required."""
+        c = OptionChecker(self, prefix, provided)
+        c.out_dir("out")
+        c.choice("labeling", LABELING)
+        c.integer("rounds", 1)
+        if self.labeling == "human":  # the ranking page shows at most MAX_RESPONSES
+            c.integer("k", 2, MAX_RESPONSES)
+        c.integer("k", 2)
+        c.data_path("sample_prompts", required=False)
+        sft_given = {"out", "data"} if self.skip_sft else {"out"}
+        self.sft.validate(f"{prefix}sft.", provided=sft_given | c.sub("sft"))
+        self.rm.validate(f"{prefix}rm.", provided={"model", "data", "out"} | c.sub("rm"))
+        ppo_given = {"policy", "reference", "reward_model", "out"}
+        self.ppo.validate(f"{prefix}ppo.", provided=ppo_given | c.sub("ppo"))
+        judge_given = {"data", "out"} | c.sub("judge") | (set() if self.labeling == "judge" else {"model"})
+        self.judge.validate(f"{prefix}judge.", provided=judge_given)
+        if self.labeling == "judge" and self.judge.model:
+            judge = Path(self.judge.model).resolve()
+            policies = {Path(p).resolve() for p in (self.sft.model, Path(self.out) / "sft" / "model") if p}
+            if judge in policies:
+                c.fail("judge.model", "a model other than the one being trained (a policy judging its own "
+                       "samples prefers itself: self-preference)", self.judge.model)  # fmt: skip
+        return self
 
 
 def run_pipeline(cfg: PipelineConfig, *, more_rankings: list[str] = (), judge=None) -> dict[str, str]:
@@ -78,7 +98,7 @@ def run_pipeline(cfg: PipelineConfig, *, more_rankings: list[str] = (), judge=No
     the last policy with the SFT model kept as the KL reference. ``judge`` (an object with ``verdicts``, see
     :mod:`fastrlhf.judge`) replaces ``cfg.judge.model`` for in-process callers.
     """
-    _check(cfg)
+    cfg.validate(provided=("judge.model",) if judge is not None else ())
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     record, data_record = root / "outputs.json", root / "round_data.json"
@@ -89,8 +109,6 @@ def run_pipeline(cfg: PipelineConfig, *, more_rankings: list[str] = (), judge=No
     sources = [d for d in (cfg.rm.data, *more_rankings) if d]
     if cfg.labeling == "rankings" and not sources:
         raise ValueError("rm.data: no rankings to train on (or set labeling to judge or human)")
-    if cfg.labeling == "judge" and judge is None and not cfg.judge.model:
-        raise ValueError("judge.model: labeling 'judge' needs a judge model")
     n_rounds = max(cfg.rounds, len(sources)) if cfg.labeling == "judge" else len(sources)
     prompts = cfg.sample_prompts or cfg.ppo.prompts
 
@@ -149,12 +167,25 @@ def run_pipeline(cfg: PipelineConfig, *, more_rankings: list[str] = (), judge=No
     return outputs
 
 
+def check_sample_options(model: str, prompts_path: str, out: str, k: int, ppo: PPOConfig | None) -> PPOConfig:
+    """What :func:`sample_for_labeling` (``fastrlhf sample``) needs, checked before anything loads; returns
+    the sampling config (``ppo``, or the defaults)."""
+    cfg = (ppo or PPOConfig()).validate(provided=("policy", "reward_model", "prompts", "out"))
+    check_model_path("model", model)
+    check_data_path("prompts", prompts_path)
+    if not out or Path(out).is_dir():
+        raise ConfigError(f"out: expected an output JSONL file, got {out!r}")
+    if k < 2:
+        raise ConfigError(f"k: expected an integer >= 2, got {k}")
+    return cfg
+
+
 def sample_for_labeling(
     model: str, prompts_path: str, out: str, *, k: int = 4, ppo: PPOConfig | None = None
 ) -> Path:
     """Write K samples per prompt from ``model`` as JSONL ``{"prompt", "responses"}``: labelers add a
     ``ranking`` (indices best first) and the file becomes the next round's comparisons."""
-    cfg = ppo or PPOConfig()
+    cfg = check_sample_options(model, prompts_path, out, k, ppo)
     device = default_device()
     tokenizer = load_tokenizer(model, cfg.model_config)
     policy = load_causal_lm(model, cfg.model_config, device, tokenizer, trainable=False)

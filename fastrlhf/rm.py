@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastrlhf import distributed
 from fastrlhf.config import RMConfig
 from fastrlhf.data import (
     Ranking,
@@ -136,6 +137,8 @@ def train_rm(
 
     ``rankings`` / ``demonstrations`` replace the files named in ``cfg`` for in-memory callers.
     """
+    cfg.validate(provided=("data",) if rankings is not None else ())  # before anything loads
+    distributed.init()  # under torchrun: join the job (a no-op in one process)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

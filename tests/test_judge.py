@@ -284,5 +284,5 @@ def test_cli_judge_writes_rankings_rm_reads_and_a_bias_report(
     assert report["items"] == 2 and report["ordered_pairs"] == 8
     rankings = load_rankings(out)  # the pairwise matrix passes the trainer's checks
     assert [len(r.responses) for r in rankings] == [3, 2] and rankings[0].pairwise_probs is not None
-    assert main([*args, "--aggregate", "borda"]) == 1
-    assert "aggregate must be" in capsys.readouterr().err
+    assert main([*args, "--aggregate", "borda"]) == 2  # a bad option: refused before the judge loads
+    assert "aggregate: expected one of bradley_terry, copeland, got 'borda'" in capsys.readouterr().err

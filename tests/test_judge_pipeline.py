@@ -88,7 +88,7 @@ def test_pipeline_runs_sample_judge_rm_ppo_for_n_rounds(dirs, tmp_path, torch_ba
 
 def test_the_policy_may_not_judge_itself(dirs, tmp_path, capsys):
     config = _config(dirs, tmp_path, labeling="judge", rounds=1, judge=f"{{model: {dirs['base']}}}")
-    assert main(["pipeline", "--config", str(config), *FLOAT32]) == 1
+    assert main(["pipeline", "--config", str(config), *FLOAT32]) == 2  # refused with the other options
     assert "self-preference" in capsys.readouterr().err
 
 

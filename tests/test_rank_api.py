@@ -351,7 +351,7 @@ def test_cli_reports_bad_input_before_serving(tmp_path, capsys):
     assert cli_main(["rank", "--data", str(data), "--out", str(out), "--port", "0"]) == 1
     assert f"{data}:2: field 'responses[1]': expected a string" in capsys.readouterr().err
     assert not out.exists()  # failed before anything was created or bound
-    assert cli_main(["rank", "--data", str(data), "--overlap", "-1"]) == 1
+    assert cli_main(["rank", "--data", str(data), "--overlap", "-1"]) == 2  # a bad option
     assert "overlap: expected >= 0" in capsys.readouterr().err
     write_jsonl(data, [GOOD])
     with socket.socket() as busy:

@@ -79,10 +79,7 @@ def write_rankings(records: list[dict[str, Any]], summary: dict[str, Any], out: 
 
 def judge_file(cfg: JudgeConfig, judge: Judge | None = None) -> tuple[Path, dict[str, Any]]:
     """Judge ``cfg.data`` into ``cfg.out``; prints and saves the bias report. ``judge`` replaces the model."""
-    if cfg.aggregate not in ("bradley_terry", "copeland"):
-        raise ValueError(f"aggregate must be 'bradley_terry' or 'copeland', got {cfg.aggregate!r}")
-    if not cfg.data:
-        raise ValueError("data: the JSONL of prompts and responses to judge is required")
+    cfg.validate(provided=("model",) if judge is not None else ())  # every option, before anything loads
     samples = load_samples(cfg.data)  # bad data fails before the judge is loaded
     judge = judge or load_lm_judge(cfg)
     records, summary = judge_records(judge, samples, cfg)

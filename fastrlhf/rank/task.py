@@ -7,13 +7,16 @@ task: the same item ids, the same overlap set and the same shown order for every
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastrlhf.config import ConfigError, OptionChecker
 from fastrlhf.data import DataError, read_jsonl
 
 DEFAULT_FLAGS = (
@@ -32,6 +35,7 @@ LABELER_PATTERN = re.compile(r"^[\w.@ -]{1,64}$")
 """A labeler name: letters, digits, ``_ . @ -`` and spaces, at most 64 characters."""
 
 _FLAG_ID = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -86,17 +90,45 @@ class RankConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the option for settings that cannot work."""
-        if not self.data:
-            raise ValueError("data: give the JSONL to rank (--data to_rank.jsonl)")
+        self.validate()
+
+    def validate(self, prefix: str = "", *, provided: Collection[str] = ()) -> RankConfig:
+        """Raise :class:`~fastrlhf.config.ConfigError` naming the option for settings that cannot work.
+        ``provided=("data",)``: no data needed (the agreement report of ``out`` alone)."""
+        c = OptionChecker(self, prefix, provided)
+        if not self.data and "data" not in c.provided:
+            raise ConfigError(f"{prefix}data: give the JSONL to rank (--data to_rank.jsonl)")
         if not self.out:
-            raise ValueError("out: give the output JSONL (--out rankings.jsonl)")
+            raise ConfigError(f"{prefix}out: give the output JSONL (--out rankings.jsonl)")
+        c.out_file("out")
+        if not _is_host(self.host):
+            c.fail("host", "an IP address or a host name (127.0.0.1 keeps the page local)")
+        for host in (h.strip() for h in self.allow_hosts.split(",")):
+            if host and not _is_host(host):
+                c.fail("allow_hosts", f"comma-separated host names ({host!r} is not one)")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: expected 0..65535, got {self.port}")
+            raise ConfigError(f"{prefix}port: expected 0..65535, got {self.port}")
         if self.overlap < 0:
-            raise ValueError(f"overlap: expected >= 0, got {self.overlap}")
+            raise ConfigError(f"{prefix}overlap: expected >= 0, got {self.overlap}")
         if self.token and len(self.token) < 8:
-            raise ValueError("token: use at least 8 characters (or leave it empty for a random one)")
-        self.flag_list()
+            c.fail("token", "at least 8 characters (or empty for a random one)", "*" * len(self.token))
+        c.seed()
+        try:
+            self.flag_list()
+        except ValueError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+        return self
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, a host name, or empty (every interface, like 0.0.0.0)."""
+    if not host or _HOST_NAME.match(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
