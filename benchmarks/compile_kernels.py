@@ -1,21 +1,19 @@
 #!/usr/bin/env python
-"""Offline compile check: every Triton kernel specialization the public ops launch, compiled to cubin.
+"""Offline compile check: every Triton kernel specialization the public ops launch, compiled to cubin with
+Triton's bundled ptxas (no GPU needed)::
 
-No GPU is needed (Triton ships ptxas)::
+    python benchmarks/compile_kernels.py [--arch 86 89 90] [--out report.json] [--jobs N]
 
-    python benchmarks/compile_kernels.py [--arch 80 86 89 90] [--json out.json] [--jobs 2] [--reuse-cache]
+For each architecture, the public ops run on ``meta`` tensors at realistic sizes (forward and backward) with
+the Triton path forced, the device's capability and SM count set to the target's, and ``JITFunction.run``
+recording each launch instead of running it: every kernel an op launches is found, with the tiles and warps
+that architecture would get. Each launch is specialized as the JIT would (Triton's own binder: i32/i64, ints
+equal to 1, 16-divisibility, constexprs, warps, stages); each distinct specialization is compiled once, in a
+fresh Triton cache, and ptxas's ``-v`` log gives its registers and spills.
 
-How. The public ops of ``fastrlhf.kernels`` run on ``meta`` tensors at realistic sizes (forward and
-backward) with the Triton path forced, while ``JITFunction.run`` records each launch instead of running it.
-So whatever kernel an op launches is found, with no list of kernels to keep up to date. Each launch is then
-specialized the way the JIT would for that architecture (Triton's own binder: i32/i64, ints equal to 1,
-16-divisibility of ints and of pointers, constexprs, num_warps / num_stages), the distinct specializations
-go through ``triton.compile`` to cubin, and ptxas's ``-v`` report gives registers and spills. Pointers
-carry the alignment the real tensors would have (their storage offset; allocations start 16-byte aligned).
-
-Fails (exit 1) on any compile error, any register spill, a grid over CUDA's limits, or no launch recorded.
-Prints one line per kernel variant and architecture: registers, spill bytes, shared memory, and the
-16-byte vector share of global loads and stores, and cp.async count (pipelining) read from the PTX.
+Exits 1 on any compile error, register spill, grid over CUDA's limits, or kernel module with no launch.
+Prints one line per kernel; ``--out`` writes a summary per kernel module and architecture, and every
+variant's report (registers, spills, shared memory, vectorized loads, cp.async count), as JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import io
 import json
 import os
@@ -32,85 +29,31 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_kernels.py compiles the kernels: run it with TRITON_INTERPRET unset (or 0)")
 
 import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-DEFAULT_ARCHS = (80, 86, 89, 90)
-# CUDA's grid limits: x up to 2^31 - 1, y and z up to 65535.
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
-# Realistic GPU size for ops that split work by the SM count (an H100 has 132).
-_SM_COUNT = 132
+from fastrlhf import kernels as ops
+
+DEFAULT_ARCHS = (86, 89, 90)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's: x up to 2^31 - 1, y and z up to 65535
+SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A40 / RTX 3090, L40S / RTX 4090, H100 SXM
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 META = torch.device("meta")
-
-
-# ------------------------------------------------------------------------------------------- recording
-
-
-class _Pointer:
-    """What the JIT's binder sees of a tensor: its dtype and an address as aligned as a real allocation's."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.dtype = t.dtype
-        self._ptr = 1024 + t.storage_offset() * t.element_size()  # storage bases are 16-byte aligned
-
-    def data_ptr(self) -> int:
-        return self._ptr
-
-
-@dataclass
-class Launch:
-    kernel: Any  # the JITFunction
-    args: list[Any]
-    kwargs: dict[str, Any]
-    grid: tuple[int, ...]
-    case: str
-
-
-def _stand_in(arg: Any) -> Any:
-    return _Pointer(arg) if isinstance(arg, torch.Tensor) else arg
-
-
-def _kernel_modules() -> list[Any]:
-    package = importlib.import_module("fastrlhf.kernels")
-    names = [m.name for m in pkgutil.iter_modules(package.__path__)]
-    return [importlib.import_module(f"fastrlhf.kernels.{name}") for name in names]
-
-
-@contextlib.contextmanager
-def recording(launches: list[Launch], case: list[str]):
-    """Force the Triton path on meta tensors and record every JIT launch instead of running it."""
-    from triton.runtime.jit import JITFunction
-
-    def record(self, *args, grid, warmup, **kwargs):
-        if callable(grid):
-            params = dict(zip([p.name for p in self.params], args, strict=False)) | kwargs
-            grid = grid(params)
-        grid = tuple(int(g) for g in grid)
-        launches.append(Launch(self, [_stand_in(a) for a in args], dict(kwargs), grid, case[0]))
-
-    patched: list[tuple[Any, str, Any]] = [(JITFunction, "run", JITFunction.run)]
-    JITFunction.run = record
-    for module in _kernel_modules():
-        if hasattr(module, "use_triton"):
-            patched.append((module, "use_triton", module.use_triton))
-            module.use_triton = lambda *tensors: True
-        if hasattr(module, "_multiprocessors"):
-            patched.append((module, "_multiprocessors", module._multiprocessors))
-            module._multiprocessors = lambda device: _SM_COUNT
-    try:
-        yield
-    finally:
-        for owner, name, value in reversed(patched):
-            setattr(owner, name, value)
-
+_name = lambda dtype: str(dtype).removeprefix("torch.")  # "bfloat16"
 
 # --------------------------------------------------------------------------------------------- the ops
 
@@ -120,7 +63,7 @@ def _t(*shape: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> t
 
 
 def _ids(*shape: int) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.int64, device=META)
+    return _t(*shape, dtype=torch.int64)
 
 
 def _backward(*outputs: torch.Tensor) -> None:
@@ -128,132 +71,151 @@ def _backward(*outputs: torch.Tensor) -> None:
     torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
 
-def _token_logprobs_cases() -> dict[str, Callable[[], None]]:
-    from fastrlhf.kernels import token_logprobs
-
-    def run(logits: torch.Tensor, entropy: bool, temperature: float = 1.0, ent_grad: bool = True) -> None:
-        ids = _ids(*logits.shape[:-1])
-        out = token_logprobs(logits, ids, temperature=temperature, return_entropy=entropy)
-        outs = out if entropy else (out,)
-        _backward(*(outs if ent_grad else outs[:1]))
-
-    cases: dict[str, Callable[[], None]] = {}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        name = str(dtype).removeprefix("torch.")
-        cases[f"token_logprobs 32768x151936 {name} +entropy"] = lambda d=dtype: run(
-            _t(32768, 151936, dtype=d, grad=True), True, 0.7
-        )
-        cases[f"token_logprobs 8x4097x50257[:, :-1] {name}"] = lambda d=dtype: run(
-            _t(8, 4097, 50257, dtype=d, grad=True)[:, :-1], False
-        )
-        cases[f"token_logprobs 4x2050x50257[:, ::2] {name} +entropy, logp grad only"] = lambda d=dtype: run(
-            _t(4, 2050, 50257, dtype=d, grad=True)[:, ::2], True, ent_grad=False
-        )
-    cases["token_logprobs 8x4097x151936[:, :-1] bf16 +entropy"] = lambda: run(
-        _t(8, 4097, 151936, dtype=torch.bfloat16, grad=True)[:, :-1], True
-    )
-    cases["token_logprobs 1000x64 bf16"] = lambda: run(_t(1000, 64, dtype=torch.bfloat16, grad=True), True)
-    cases["token_logprobs 7x1 fp32"] = lambda: run(_t(7, 1, grad=True), True)
-    cases["token_logprobs 1x1 fp32"] = lambda: run(_t(1, 1, grad=True), False)
-    return cases
+def _logprobs(logits: torch.Tensor, entropy=False, temperature=1.0, ent_grad=True) -> None:
+    ids = _ids(*logits.shape[:-1])
+    out = ops.token_logprobs(logits, ids, temperature=temperature, return_entropy=entropy)
+    outs = out if entropy else (out,)
+    _backward(*(outs if ent_grad else outs[:1]))
 
 
-def _linear_cases() -> dict[str, Callable[[], None]]:
-    from fastrlhf.kernels import linear_token_logprobs
+def _linear(n, h, v, dtype, bias=False, frozen=False, tf32=False, **options) -> None:
+    hidden, weight = _t(n, h, dtype=dtype, grad=True), _t(v, h, dtype=dtype, grad=not frozen)
+    bias = _t(v, dtype=dtype, grad=True) if bias else None
+    matmul, allow_tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    matmul.allow_tf32 = tf32  # fp32 operands follow torch's TF32 switch (the kernels' PRECISION constexpr)
+    try:
+        out = ops.linear_token_logprobs(hidden, weight, _ids(n), bias=bias, **options)
+        _backward(*(out if options.get("return_entropy") else (out,)))
+    finally:
+        matmul.allow_tf32 = allow_tf32
 
-    accepted = set(inspect.signature(linear_token_logprobs).parameters)
-    cases: dict[str, Callable[[], None]] = {}
 
-    def run(n: int, h: int, v: int, dtype: torch.dtype, **options: Any) -> None:
-        options = {k: val for k, val in options.items() if k in accepted}  # options this version has
-        entropy = options.get("return_entropy", False)
-        if "bias" in options:
-            options["bias"] = _t(v, dtype=dtype, grad=True)
-        out = linear_token_logprobs(
-            _t(n, h, dtype=dtype, grad=True), _t(v, h, dtype=dtype, grad=True), _ids(n), **options
-        )
-        _backward(*(out if entropy else (out,)))
+def _rl_ops(b: int, t: int, d: torch.dtype) -> None:
+    logp, ref, mask = _t(b, t, dtype=d, grad=True), _t(b, t, dtype=d, grad=True), _t(b, t, dtype=torch.bool)
+    for estimator in ("k1", "k2", "k3"):
+        _backward(ops.kl_penalty(logp, ref, estimator=estimator))
+        scores, lp, rl, values = _t(b, dtype=d), logp.detach(), ref.detach(), _t(b, t, dtype=d)
+        ops.shape_rewards(scores, lp, rl, mask, kl_coef=0.05, estimator=estimator)
+        whiten = estimator != "k2"
+        ops.ppo_advantages(scores, lp, rl, values, mask, kl_coef=_t(), estimator=estimator, whiten=whiten)
+    _backward(ops.kl_penalty(logp, ref.detach()))  # one gradient needed only
+    ops.gae(_t(b, t, dtype=d), _t(b, t), mask.to(torch.uint8), gamma=0.99, lam=0.95)
+    ops.masked_whiten(_t(b, t, dtype=d), mask, shift_mean=False)
+    ops.masked_mean(_t(b, t, dtype=d), mask)
+    ops.masked_var(_t(b, t), mask, unbiased=False)
+    for k, estimator in ((2, "grpo"), (16, "dr_grpo"), (64, "rloo"), (64, "grpo")):
+        ops.group_advantages(_t(b * k, dtype=d), k, estimator=estimator)
 
+
+def op_calls(case) -> None:
+    """Every op call, forward and backward; ``with case(name):`` names the calls and catches their errors."""
+    for d in DTYPES:
+        with case(f"token_logprobs 32768x151936 {_name(d)} entropy"):
+            _logprobs(_t(32768, 151936, dtype=d, grad=True), True, 0.7)
+        with case(f"token_logprobs 8x4097x50257[:, :-1] {_name(d)}"):
+            _logprobs(_t(8, 4097, 50257, dtype=d, grad=True)[:, :-1])
+        with case(f"token_logprobs 4x2050x50257[:, ::2] {_name(d)} entropy, logp grad only"):
+            _logprobs(_t(4, 2050, 50257, dtype=d, grad=True)[:, ::2], True, ent_grad=False)
+    with case("token_logprobs 1000x64 bf16 entropy"):
+        _logprobs(_t(1000, 64, dtype=torch.bfloat16, grad=True), True)
+    with case("token_logprobs 7x1 fp32 entropy"):
+        _logprobs(_t(7, 1, grad=True), True)
+
+    # Each option set once per 16-bit dtype, spread over the (H, V) of Qwen2.5-0.5B, Llama-3-8B, GPT-2 (odd
+    # V) and Qwen2.5-7B: the variants differ in their constexprs and in V's 16-divisibility.
+    shapes = ((896, 151936), (4096, 128256), (896, 50257), (4096, 151936))
     option_sets: list[dict[str, Any]] = [
-        {},
-        {"bias": True, "return_entropy": True, "temperature": 0.7},
-        {"softcap": 30.0, "return_entropy": True},
-        {"logit_scale": 0.25, "bias": True},
+        {}, {"bias": True, "return_entropy": True, "temperature": 0.7},
+        {"softcap": 30.0, "return_entropy": True}, {"logit_scale": 0.25, "bias": True},
         {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.9},
-    ]
-    for h, v in ((896, 151936), (4096, 128256), (896, 50257), (4096, 151936)):
-        for dtype in (torch.bfloat16, torch.float16):
-            for options in option_sets:
-                label = ",".join(f"{k}" for k in options) or "plain"
-                cases[f"linear 8192x{h} V={v} {str(dtype).removeprefix('torch.')} {label}"] = (
-                    lambda h=h, v=v, d=dtype, o=options: run(8192, h, v, d, **o)
-                )
-    cases["linear 1000x256 V=50021 fp32 bias,entropy"] = lambda: run(
-        1000, 256, 50021, torch.float32, bias=True, return_entropy=True
-    )
-    cases["linear 1x64 V=1 bf16"] = lambda: run(1, 64, 1, torch.bfloat16)
-    return cases
+    ]  # fmt: skip
+    for shift, d in enumerate(DTYPES[:2]):
+        for i, options in enumerate(option_sets):
+            h, v = shapes[(i + shift) % len(shapes)]
+            with case(f"linear 8192x{h} V={v} {_name(d)} {','.join(options) or 'plain'}"):
+                _linear(8192, h, v, d, **options)
+    with case("linear 8192x896 V=151936 bf16 frozen weight"):
+        _linear(8192, 896, 151936, torch.bfloat16, frozen=True)
+    with case("linear 1000x256 V=50021 fp32 bias,entropy"):
+        _linear(1000, 256, 50021, torch.float32, bias=True, return_entropy=True)
+    with case("linear 1000x256 V=32003 fp32 tf32,softcap"):
+        _linear(1000, 256, 32003, torch.float32, tf32=True, softcap=30.0)
+    with case("linear 1x64 V=1 bf16"):
+        _linear(1, 64, 1, torch.bfloat16)
+
+    for b, t in ((512, 2048), (100_000, 7), (1, 1_000_000), (3, 1), (64, 3000)):
+        for d in (torch.float32, torch.bfloat16):
+            with case(f"rl ops {b}x{t} {_name(d)}"):
+                _rl_ops(b, t, d)
+    with case("rl ops 3e9 elements"):  # past 2^31: the offsets and loop bounds become i64
+        ops.masked_whiten(_t(3, 10**9), _t(3, 10**9, dtype=torch.bool))
+        _backward(ops.kl_penalty(_t(3, 10**9, grad=True), _t(3, 10**9)))
+
+    # Every sampling mode on bf16 logits (the models' dtype), one on each other dtype; Qwen's and GPT-2's V.
+    greedy, plain, nucleus = {"greedy": True}, {"temperature": 0.7}, {"top_p": 0.9, "suppress_ids": _ids(3)}
+    for d, v, options in ((torch.bfloat16, 151936, greedy), (torch.bfloat16, 50257, plain),
+                          (torch.bfloat16, 151936, nucleus), (torch.float16, 50257, nucleus),
+                          (torch.float32, 151936, plain)):  # fmt: skip
+        with case(f"sample_tokens 256x{v} {_name(d)} {','.join(options)}"):
+            ops.sample_tokens(_t(256, v, dtype=d), seed=_ids(1), **options)
+    with case("sample_tokens 3x1 fp32 top_p"):
+        ops.sample_tokens(_t(3, 1), seed=_ids(1), top_p=0.5)
 
 
-def _rl_cases() -> dict[str, Callable[[], None]]:
-    from fastrlhf.kernels import (
-        gae,
-        kl_penalty,
-        masked_mean,
-        masked_var,
-        masked_whiten,
-        ppo_advantages,
-        shape_rewards,
-    )
-
-    cases: dict[str, Callable[[], None]] = {}
-    sizes = ((512, 2048), (100_000, 7), (1, 1_000_000), (3, 1), (64, 3000))
-    for b, t in sizes:
-        for dtype in (torch.float32, torch.bfloat16):
-            name = str(dtype).removeprefix("torch.")
-
-            def rl(b=b, t=t, d=dtype) -> None:
-                logp, ref = _t(b, t, dtype=d, grad=True), _t(b, t, dtype=d, grad=True)
-                mask = torch.empty((b, t), dtype=torch.bool, device=META)
-                for estimator in ("k1", "k2", "k3"):
-                    _backward(kl_penalty(logp, ref, estimator=estimator))
-                    shape_rewards(
-                        _t(b, dtype=d), logp.detach(), ref.detach(), mask, kl_coef=0.05, estimator=estimator
-                    )
-                    ppo_advantages(
-                        _t(b, dtype=d), logp.detach(), ref.detach(), _t(b, t, dtype=d), mask, kl_coef=_t(),
-                        estimator=estimator, whiten=estimator != "k2",
-                    )  # fmt: skip
-                _backward(kl_penalty(logp, ref.detach()))  # one gradient needed only
-                gae(_t(b, t, dtype=d), _t(b, t), mask.to(torch.uint8), gamma=0.99, lam=0.95)
-                masked_whiten(_t(b, t, dtype=d), mask, shift_mean=False)
-                masked_mean(_t(b, t, dtype=d), mask)
-                masked_var(_t(b, t), mask, unbiased=False)
-
-            cases[f"rl ops {b}x{t} {name}"] = rl
-    # Element counts past 2^31: the offsets and loop bounds become i64.
-    cases["rl ops 3e9 elements"] = lambda: (
-        masked_whiten(_t(3, 10**9), torch.empty((3, 10**9), dtype=torch.bool, device=META)),
-        _backward(kl_penalty(_t(3, 10**9, grad=True), _t(3, 10**9))),
-    )
-    return cases
+# ------------------------------------------------------------------------------------------- recording
 
 
-def all_cases() -> dict[str, Callable[[], None]]:
-    return {**_token_logprobs_cases(), **_linear_cases(), **_rl_cases()}
+def _pointer(t: torch.Tensor) -> SimpleNamespace:
+    """What the JIT's binder sees of a tensor: its dtype and an address as aligned as a real allocation's."""
+    address = 1024 + t.storage_offset() * t.element_size()  # allocations are 16-byte aligned
+    return SimpleNamespace(dtype=t.dtype, data_ptr=lambda: address)
 
 
-def record_launches() -> tuple[list[Launch], list[str]]:
-    launches: list[Launch] = []
-    errors: list[str] = []
-    current = [""]
-    with recording(launches, current):
-        for name, case in all_cases().items():
-            current[0] = name
-            try:
-                case()
-            except Exception as err:  # a launcher that cannot even set up its launch is a failure too
-                errors.append(f"{name}: {type(err).__name__}: {err}")
+class Launch(NamedTuple):
+    kernel: Any  # the JITFunction
+    args: list[Any]
+    kwargs: dict[str, Any]
+    grid: tuple[int, ...]
+    case: str
+
+
+def kernel_modules() -> dict[str, Any]:
+    """fastrlhf.kernels' modules that define Triton kernels, by name."""
+    names = [m.name for m in pkgutil.iter_modules(ops.__path__)]
+    modules = {name: importlib.import_module(f"fastrlhf.kernels.{name}") for name in names}
+    return {n: m for n, m in modules.items() if any(isinstance(x, JITFunction) for x in vars(m).values())}
+
+
+def record_launches(arch: int) -> tuple[list[Launch], list[str]]:
+    """Every launch of ``op_calls`` as an ``arch`` GPU would get it (none runs), and the calls that failed."""
+    launches, errors, current = [], [], [""]  # current: the op call running
+
+    def record(self, *args, grid, warmup, **kwargs):
+        if callable(grid):
+            grid = grid(dict(zip([p.name for p in self.params], args, strict=False)) | kwargs)
+        args = [_pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
+        launches.append(Launch(self, args, kwargs, tuple(int(g) for g in grid), current[0]))
+
+    @contextlib.contextmanager
+    def case(name: str):
+        current[0] = name
+        try:
+            yield
+        except Exception as err:  # a launcher that cannot even set up its launch is a failure too
+            errors.append(f"sm_{arch} {name}: {type(err).__name__}: {err}")
+
+    fakes = {
+        "use_triton": lambda *tensors: True,
+        "_multiprocessors": lambda device: SM_COUNT.get(arch, 132),
+        "_capability": lambda device: divmod(arch, 10),  # linear_token_logprobs' tiles for this arch
+    }
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(JITFunction, "run", record))
+        for module in kernel_modules().values():
+            for name, fake in fakes.items():
+                if hasattr(module, name):
+                    patches.enter_context(mock.patch.object(module, name, fake))
+        op_calls(case)
     return launches, errors
 
 
@@ -262,282 +224,173 @@ def record_launches() -> tuple[list[Launch], list[str]]:
 
 @dataclass
 class Variant:
-    kernel_index: int
+    """One distinct compile: triton.compile's inputs, where they came from, and the compile's report."""
+
+    module: str  # the kernel's module in fastrlhf.kernels
     kernel: str
     arch: int
-    signature: dict[str, str]
-    constexprs: dict[tuple, Any]  # keyed by argument path, as triton.compile takes them
-    attrs: dict[tuple, Any]
-    options: dict[str, Any]
     case: str  # the first op call that launched it
-    grids: set[tuple[int, ...]] = field(default_factory=set)
-
-    def describe(self) -> str:
-        names = [p.name for p in _KERNELS[self.kernel_index].params] if _KERNELS else []
-        named = {names[k[0]] if len(k) == 1 and names else str(k): v for k, v in self.constexprs.items()}
-        special = sorted(
-            (names[k[0]] if len(k) == 1 and names else str(k))
-            + ("%16" if any("divisibility" in str(a) for a in v) else "")
-            for k, v in self.attrs.items()
-            if v and names and self.signature[names[k[0]]][0] != "*"
-        )
-        return (
-            _key_text(named)
-            + (" " + ",".join(special) if special else "")
-            + f" warps={self.options.get('num_warps')}"
-        )
+    label: str  # its constexprs and warps
+    grids_ok: bool
+    source: tuple[Any, ...]  # (signature, constexprs, attrs, options), as triton.compile takes them
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    vector_loads: str = ""  # 16-byte global loads / all global loads, in the PTX
+    cp_async: int = 0  # pipelined (cp.async) copies in the PTX
+    seconds: float = 0.0
+    error: str | None = None
 
 
-def _key_text(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=repr)
-
-
-def specialize(launches: list[Launch], archs: list[int]) -> tuple[list[Any], list[Variant]]:
-    """The distinct compiles the launches need, per architecture, as Triton's JIT would specialize them."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    kernels: list[Any] = []
+def specialize(launches: list[Launch], arch: int) -> list[Variant]:
+    """The distinct compiles the launches need on ``arch``, specialized as Triton's JIT would."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binders: dict[int, Any] = {}
     variants: dict[str, Variant] = {}
-    for arch in archs:
-        backend = make_backend(GPUTarget("cuda", arch, 32))
-        binders: dict[int, Any] = {}
-        for launch in launches:
-            fn = launch.kernel
-            if id(fn) not in binders:
-                binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
-                if fn not in kernels:
-                    kernels.append(fn)
-            kwargs = dict(launch.kwargs)
-            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-            bound, specialization, options = binders[id(fn)](*launch.args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(
-                backend, kwargs, bound, specialization, options
-            )
-            key = _key_text(
-                [
-                    fn.__name__,
-                    arch,
-                    signature,
-                    sorted(constexprs.items()),
-                    sorted(attrs.items()),
-                    options.__dict__,
-                ]
-            )
-            if key not in variants:
-                variants[key] = Variant(
-                    kernels.index(fn),
-                    fn.__name__,
-                    arch,
-                    signature,
-                    constexprs,
-                    attrs,
-                    options.__dict__,
-                    launch.case,
-                )
-            variants[key].grids.add(launch.grid)
-    return kernels, list(variants.values())
+    for launch in launches:
+        fn = launch.kernel
+        if id(fn) not in binders:
+            binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+        kwargs = launch.kwargs | {"debug": launch.kwargs.get("debug", fn.debug) or knobs.runtime.debug}
+        bound, specialization, options = binders[id(fn)](*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        source = (signature, constexprs, attrs, options.__dict__)
+        key = json.dumps([fn.__name__, *(sorted(x.items()) for x in source)], sort_keys=True, default=repr)
+        grid_ok = all(0 < g <= limit for g, limit in zip(launch.grid, GRID_LIMITS, strict=False))
+        if key in variants:
+            variants[key].grids_ok &= grid_ok
+            continue
+        shown = [f"{p.name}={constexprs[(i,)]}" for i, p in enumerate(fn.params) if p.is_constexpr]
+        label = " ".join([*shown, f"warps={options.num_warps}"])
+        module = fn.fn.__module__.removeprefix("fastrlhf.kernels.")
+        variants[key] = Variant(module, fn.__name__, arch, launch.case, label, grid_ok, source)
+    return list(variants.values())
 
 
 # ------------------------------------------------------------------------------------------- compiling
 
-_KERNELS: list[Any] = []  # the JITFunctions, inherited by forked workers
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-@dataclass
-class Result:
-    kernel: str
-    arch: int
-    case: str
-    constexprs: str
-    signature: str
-    registers: int | None = None
-    spill_bytes: int | None = None
-    shared_bytes: int | None = None
-    global_loads: int = 0
-    vector_loads: int = 0
-    global_stores: int = 0
-    vector_stores: int = 0
-    cp_async: int = 0
-    seconds: float = 0.0
-    grids_ok: bool = True
-    error: str | None = None
-
-
-def _ptx_counts(ptx: str) -> dict[str, int]:
-    loads = re.findall(r"\bld\.global[.\w]*", ptx)
-    stores = re.findall(r"\bst\.global[.\w]*", ptx)
-    is_vector = re.compile(r"\.v[248]\b")
-    return {
-        "global_loads": len(loads),
-        "vector_loads": sum(bool(is_vector.search(x)) for x in loads),
-        "global_stores": len(stores),
-        "vector_stores": sum(bool(is_vector.search(x)) for x in stores),
-        "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", ptx)),
-    }
-
-
-def _ptxas_report(ptx: str, arch: int) -> str:
-    """ptxas -v on the PTX, for a kernel that came from Triton's cache (no fresh ptxas log to read)."""
-    import subprocess
-
-    from triton.backends.nvidia import compiler as nv
-
-    tool = nv.get_ptxas(arch) if "arch" in inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas()
-    gpu = nv.sm_arch_from_capability(arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [tool.path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-
-
-def compile_variant(variant: Variant) -> Result:
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    result = Result(
-        variant.kernel, variant.arch, variant.case, variant.describe(), _key_text(variant.signature)
-    )
-    result.grids_ok = all(
-        all(0 < g <= limit for g, limit in zip(grid, GRID_LIMITS, strict=False)) for grid in variant.grids
-    )
-    fn = _KERNELS[variant.kernel_index]
-    start = time.perf_counter()
-    log = io.StringIO()
+def compile_variant(v: Variant) -> Variant:
+    """triton.compile to cubin and read ptxas's -v log (printed: the cache is fresh, so ptxas always runs)."""
+    signature, constexprs, attrs, options = v.source
+    fn = getattr(importlib.import_module(f"fastrlhf.kernels.{v.module}"), v.kernel)
+    start, log = time.perf_counter(), io.StringIO()
     try:
         knobs.nvidia.dump_ptxas_log = True
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                ASTSource(fn, variant.signature, variant.constexprs, variant.attrs),
-                target=GPUTarget("cuda", variant.arch, 32),
-                options=variant.options,
-            )
-        report = log.getvalue()
-        if not _PTXAS_USED.search(report):
-            report = _ptxas_report(compiled.asm["ptx"], variant.arch)
-        used, spill = _PTXAS_USED.search(report), _PTXAS_SPILL.search(report)
-        result.registers = int(used.group(1)) if used else None
-        result.spill_bytes = int(spill.group(1)) + int(spill.group(2)) if spill else None
-        result.shared_bytes = int(compiled.metadata.shared)
-        for k, v in _ptx_counts(compiled.asm["ptx"]).items():
-            setattr(result, k, v)
+            source, target = ASTSource(fn, signature, constexprs, attrs), GPUTarget("cuda", v.arch, 32)
+            compiled = triton.compile(source, target=target, options=options)
+        used, spill = _PTXAS_USED.search(log.getvalue()), _PTXAS_SPILL.search(log.getvalue())
+        v.registers = int(used.group(1)) if used else None
+        v.spill_bytes = int(spill.group(1)) + int(spill.group(2)) if spill else None
+        v.shared_bytes = int(compiled.metadata.shared)
+        loads = re.findall(r"\bld\.global[.\w]*", compiled.asm["ptx"])
+        v.vector_loads = f"{sum('.v4' in x or '.v8' in x for x in loads)}/{len(loads)}"
+        v.cp_async = len(re.findall(r"\bcp\.async\.c[ag]\b", compiled.asm["ptx"]))
         if "cubin" not in compiled.asm:
-            result.error = "no cubin produced"
+            v.error = "no cubin produced"
     except Exception as err:
-        result.error = f"{type(err).__name__}: {str(err)[-2000:]}"
-    result.seconds = time.perf_counter() - start
-    return result
+        v.error = f"{type(err).__name__}: {str(err)[-2000:]}"
+    v.seconds = round(time.perf_counter() - start, 2)
+    return v
 
 
-def failures(results: list[Result], setup_errors: list[str]) -> list[str]:
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summarize(results: list[Variant], archs: list[int], names: list[str], key=lambda r: r.module) -> dict:
+    """Per kernel module (or other ``key``) and architecture: kernels, variants, errors, registers, spill and
+    shared bytes."""
+    summary: dict[str, Any] = {}
+    for name in names:
+        for arch in archs:
+            rs = [r for r in results if key(r) == name and r.arch == arch]
+            regs = [r.registers for r in rs if r.registers is not None]
+            summary.setdefault(name, {})[str(arch)] = {
+                "kernels": sorted({r.kernel for r in rs}),
+                "variants": len(rs),
+                "errors": sum(r.error is not None for r in rs),
+                "registers": [min(regs), max(regs)] if regs else None,
+                "spill_bytes": sum(r.spill_bytes or 0 for r in rs),
+                "shared_bytes": max((r.shared_bytes or 0 for r in rs), default=0),
+            }
+    return summary
+
+
+def failures(results: list[Variant], summary: dict[str, Any], setup_errors: list[str]) -> list[str]:
     out = list(setup_errors)
     for r in results:
-        where = f"{r.kernel} sm_{r.arch} ({r.case})"
+        where = f"{r.module}.{r.kernel} sm_{r.arch} [{r.label}] ({r.case})"
         if r.error:
             out.append(f"{where}: {r.error}")
         elif r.registers is None or r.spill_bytes is None:
             out.append(f"{where}: no ptxas register report")
         elif r.spill_bytes:
-            out.append(f"{where}: {r.spill_bytes} bytes of register spills")
+            out.append(f"{where}: {r.spill_bytes} bytes of register spills, {r.registers} registers")
         if not r.grids_ok:
             out.append(f"{where}: a grid exceeds CUDA's limits")
-    if not results:
-        out.append("no kernel launch was recorded")
-    return out
+    no_launch = [f"{m} sm_{a}" for m, per in summary.items() for a, s in per.items() if not s["variants"]]
+    return out + [f"{where}: no kernel launch recorded" for where in no_launch]
 
 
-def _table(results: list[Result]) -> str:
-    columns = (
-        ("sm", 3),
-        ("regs", 4),
-        ("spill", 5),
-        ("shared", 7),
-        ("vec ld", 7),
-        ("vec st", 7),
-        ("cp.async", 8),
-    )
-    header = f"{'kernel':<34} " + " ".join(f"{name:>{width}}" for name, width in columns)
-    lines = [header, "-" * len(header)]
-    for r in sorted(results, key=lambda r: (r.kernel, r.constexprs, r.signature, r.arch)):
-        if r.error:
-            lines.append(f"{r.kernel:<34} {r.arch:>3} ERROR {r.error.splitlines()[0][:80]}")
-            continue
+def table(by_kernel: dict[str, Any], archs: list[int]) -> str:
+    """One line per kernel: per architecture, variants, register range and spill bytes (! = errors)."""
+    lines = [f"{'kernel':<46}" + "".join(f"{f'sm_{a}: n  registers spill':>29}" for a in archs)]
+    for name, per_arch in by_kernel.items():
+        cells = [(s["variants"], *(s["registers"] or (0, 0)), s["spill_bytes"], "!" if s["errors"] else " ")
+                 for s in per_arch.values()]  # fmt: skip
         lines.append(
-            f"{r.kernel:<34} {r.arch:>3} {r.registers!s:>4} {r.spill_bytes!s:>5} {r.shared_bytes:>7} "
-            f"{f'{r.vector_loads}/{r.global_loads}':>7} {f'{r.vector_stores}/{r.global_stores}':>7} "
-            f"{r.cp_async:>8}   {r.constexprs}"
+            f"{name:<46}" + "".join(f"{n:>15} {lo:>5}-{hi:<3} {sp:>5}{e}" for n, lo, hi, sp, e in cells)
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities"
-    )
-    parser.add_argument("--json", help="write every variant's result to this file")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
-    parser.add_argument(
-        "--reuse-cache",
-        action="store_true",
-        help="use Triton's kernel cache (default: a fresh one, so all compile)",
-    )
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="e.g. 80 86 89 90")
+    parser.add_argument("--out", help="write the per-module summary and every variant's report as JSON")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = parser.parse_args(argv)
-    if any(a < 70 for a in args.arch):
-        parser.error(f"--arch takes compute capabilities such as 80 or 90, got {args.arch}")
-    cache = None if args.reuse_cache else tempfile.TemporaryDirectory(prefix="fastrlhf-compile-")
-    if cache is not None:
-        os.environ["TRITON_CACHE_DIR"] = cache.name
-
-    import triton
+    if any(a < 80 for a in args.arch):
+        parser.error(f"--arch takes compute capabilities from 80 up, such as 86 or 90, got {args.arch}")
+    cache = tempfile.TemporaryDirectory(prefix="fastrlhf-compile-")
+    os.environ["TRITON_CACHE_DIR"] = cache.name  # fresh: every variant compiles, and ptxas reports on it
 
     begin = time.perf_counter()
-    launches, setup_errors = record_launches()
-    kernels, variants = specialize(launches, args.arch)
-    _KERNELS[:] = kernels
-    recorded = time.perf_counter() - begin
-    # Largest kernels first, so the two workers finish together.
-    variants.sort(key=lambda v: -len(v.signature) - 10 * ("linear" in v.kernel))
+    variants: list[Variant] = []
+    setup_errors: list[str] = []  # op calls that failed before launching
+    for arch in args.arch:
+        launches, errors = record_launches(arch)
+        variants += specialize(launches, arch)
+        setup_errors += errors
+    variants.sort(key=lambda v: v.module != "linear_token_logprobs")  # slowest first: workers end together
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
             results = list(pool.map(compile_variant, variants))
     else:
         results = [compile_variant(v) for v in variants]
     elapsed = time.perf_counter() - begin
+    cache.cleanup()
 
-    print(_table(results))
-    per_arch = len(variants) // max(1, len(args.arch))
-    print(
-        f"\n{len(launches)} launches from {len({launch.case for launch in launches})} op calls -> "
-        f"{len(kernels)} kernels, ~{per_arch} specializations per arch x {len(args.arch)} archs = "
-        f"{len(variants)} compiles; triton {triton.__version__}; recorded in {recorded:.1f} s, "
-        f"{elapsed:.1f} s in all with {args.jobs} process(es)"
-    )
-    problems = failures(results, setup_errors)
-    if args.json:
-        payload = {
-            "triton": triton.__version__,
-            "torch": torch.__version__,
-            "archs": args.arch,
-            "seconds": elapsed,
-            "kernels": sorted({fn.__name__ for fn in kernels}),
-            "results": [asdict(r) for r in results],
-            "failures": problems,
-        }
-        with open(args.json, "w") as f:
+    summary = summarize(results, args.arch, sorted(kernel_modules()))
+    problems = failures(results, summary, setup_errors)
+    kernel_name = lambda r: f"{r.module}.{r.kernel}"
+    by_kernel = summarize(results, args.arch, sorted({kernel_name(r) for r in results}), kernel_name)
+    print(table(by_kernel, args.arch))
+    archs = ", ".join(f"sm_{a}" for a in args.arch)
+    print(f"\n{len(results)} compiles for {archs} in {elapsed:.0f} s (triton {triton.__version__})")
+    if args.out:
+        reports = [{k: x for k, x in asdict(r).items() if k != "source"} for r in results]
+        payload = {"triton": triton.__version__, "torch": torch.__version__, "archs": args.arch,
+                   "seconds": round(elapsed, 1), "failures": problems, "modules": summary,
+                   "kernels": by_kernel, "variants": reports}  # fmt: skip
+        with open(args.out, "w") as f:
             json.dump(payload, f, indent=1)
     for problem in problems:
         print("FAIL", problem, file=sys.stderr)
-    if cache is not None:
-        cache.cleanup()
     print("FAILED" if problems else "OK: every variant compiled without spills")
     return 1 if problems else 0
 

@@ -76,15 +76,21 @@ class _Tiles:
 
 
 def _tiles(dtype: torch.dtype, backward: bool, capability: tuple[int, int]) -> _Tiles:
-    """Tile shapes, checked offline for sm_80-sm_90 (``benchmarks/compile_kernels.py``). The forward's
-    128 x 128 logits tile fits 8 warps without spills on sm_90 (wgmma keeps its accumulator lean, about 245
-    registers) but spills on sm_8x, which take 128 x 64. The backward also holds dL/dr and two product tiles,
-    so it takes 128 x 64 everywhere. fp32 operands halve BLOCK_K to fit the same shared memory. Tests lower
-    them to cross many tiles at small V."""
-    block_k = 32 if dtype == torch.float32 else 64
+    """Tile shapes, checked spill-free offline for sm_86-sm_90 (``benchmarks/compile_kernels.py``). The
+    forward's 128 x 128 logits tile fits 8 warps without spills on sm_90 (wgmma keeps its accumulator lean:
+    171 registers, 251-255 with entropy) but spills on sm_8x, which take 128 x 64. The backward also holds
+    dL/dr and two product tiles, so it takes 128 x 64 everywhere. fp32 operands halve BLOCK_K to fit the same
+    shared memory and take smaller tiles: without TF32 their products run on the FMA units, whose per-thread
+    fragments spilled at the 16-bit tiles (forward 128 x 128 on sm_90, backward 128 x 64 everywhere). The
+    forward's 128 x 64 and the backward's 64 x 64 need 120-202 and 94-126 registers, TF32 or not. Tests
+    lower them to cross many tiles at small V."""
+    if dtype == torch.float32:
+        if backward:
+            return _Tiles(64, 64, 32, num_warps=8, num_stages=2)
+        return _Tiles(128, 64, 32, num_warps=8, num_stages=3)
     if backward:
-        return _Tiles(128, 64, block_k, num_warps=8, num_stages=2)
-    return _Tiles(128, 128 if capability >= (9, 0) else 64, block_k, num_warps=8, num_stages=3)
+        return _Tiles(128, 64, 64, num_warps=8, num_stages=2)
+    return _Tiles(128, 128 if capability >= (9, 0) else 64, 64, num_warps=8, num_stages=3)
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
