@@ -62,3 +62,41 @@ def test_logit_processing_reads_the_config():
     cfg = transformers.PretrainedConfig(final_logit_softcapping=30.0, logits_scaling=8.0)
     assert logit_processing(cfg) == {"softcap": 30.0, "logit_scale": 0.125}
     assert logit_processing(transformers.PretrainedConfig()) == {"softcap": None, "logit_scale": None}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_suppressed_ids_give_the_sampled_distribution(backend, arch):
+    """With ``suppress_ids`` the log-probs, entropy and gradients are those of the softmax without those ids
+    (what the sampler draws from), where a suppressed id holds a large share of the mass too, and they stay
+    finite at positions whose target is itself suppressed (padding after EOS)."""
+    model = tiny(arch)
+    suppress, start, temperature = (0, 5), 4, 0.8
+    torch.manual_seed(1)
+    ids = torch.randint(6, V, (2, 9))
+    ids[0, -2:] = 0  # pad targets
+    mask = torch.ones_like(ids)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():  # token 5's row along the mean hidden state: it takes much of the mass
+        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, start - 1 : -1]
+        direction = h.reshape(-1, h.shape[-1]).mean(0)
+        head[5] = direction / direction.norm() ** 2 * 0.8 * (h @ head.t()).amax(-1).mean()
+    full = torch.log_softmax(
+        model(input_ids=ids, attention_mask=mask).logits[:, start - 1 : -1] / temperature, -1
+    )
+    logq = torch.log_softmax(full.index_fill(-1, torch.tensor(suppress), -torch.inf), -1)
+    expected = logq.gather(-1, ids[:, start:, None]).squeeze(-1)
+    expected_entropy = -(logq.exp() * logq.nan_to_num(neginf=0.0)).sum(-1)
+    kept = 1 - full[..., list(suppress)].exp().sum(-1)
+    real = kept > 1e-3  # fp32 cannot resolve log(1 - P) as P -> 1
+    real[0, -2:] = False
+    assert ((kept < 0.98) & real).any(), "the test needs positions where the suppressed mass matters"
+    got, entropy = response_logprobs(
+        model, ids, mask, start, temperature=temperature, return_entropy=True, suppress_ids=suppress
+    )
+    assert torch.isfinite(got).all() and torch.isfinite(entropy).all()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[real], expected_entropy[real], rtol=1e-5, atol=1e-5)
+    (want,) = torch.autograd.grad(expected[real].sum(), head)
+    logp = response_logprobs(model, ids, mask, start, temperature=temperature, suppress_ids=suppress)
+    (have,) = torch.autograd.grad(logp[real].sum(), head)
+    torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
