@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import LlamaForCausalLM
 
-from fastrlhf.config import JudgeConfig, ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTConfig
+from fastrlhf.config import (
+    JudgeConfig,
+    ModelConfig,
+    OptimConfig,
+    OptionChecker,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+)
 from fastrlhf.data import Ranking, Sample, SFTExample, encode_prompt, ranked_pairs
 from fastrlhf.demo_task import DemoTask, NoisyGoldJudge, build_tokenizer, tiny_llama_config
 from fastrlhf.judge import format_report, judge_records
 from fastrlhf.judge.run import write_rankings
 from fastrlhf.metrics import MetricsLogger
-from fastrlhf.ppo import evaluate, rollout
+from fastrlhf.ppo import CRITIC_FREE, evaluate, rollout
 from fastrlhf.ppo_trainer import sample_completions, train_ppo
 from fastrlhf.rm import train_rm
 from fastrlhf.sft import train_sft
@@ -37,11 +46,15 @@ class DemoConfig:
     out: str = "demo_out"
     """Output directory: summary.json, metrics.jsonl, curves.png, and each stage's model."""
     seed: int = 0
+    """Seed of the task, the data and every stage."""
     hidden_size: int = 64
     """Width of the tiny Llama."""
     layers: int = 2
+    """Decoder layers of the tiny Llama."""
     sft_examples: int = 4096
+    """Noisy demonstrations for SFT (trained in batches of 32)."""
     sft_epochs: int = 2
+    """Passes over the demonstrations."""
     rankings: int = 2048
     """Synthetic K-way rankings for the reward model."""
     rm_epochs: int = 3
@@ -49,7 +62,9 @@ class DemoConfig:
     k: int = 4
     """Responses per ranking."""
     ppo_steps: int = 40
+    """PPO iterations per round."""
     rollout_batch_size: int = 64
+    """Prompts per PPO rollout (4 minibatches of a quarter each)."""
     eval_prompts: int = 256
     """Held-out prompts on which the gold reward is measured before and after PPO."""
     wandb: bool = False
@@ -70,6 +85,63 @@ class DemoConfig:
     kl_coef: float = 0.5
     """Strong on purpose: a reward model this small is easy to exploit, and past ~1.5 nats of KL the gold
     reward falls while the learned reward keeps rising (with 0.05 it peaked at 0.83, then fell to 0.71)."""
+    estimator: str = "gae"
+    """PPO's advantage estimator (PPOConfig.advantage_estimator): "gae" (a critic started from the reward
+    model), or critic-free "grpo", "dr_grpo", "rloo" (each with 4 samples per prompt, so a rollout holds
+    rollout_batch_size / 4 prompts) or "reinforce++"."""
+
+    def validate(self, prefix: str = "", *, provided: Collection[str] = ()) -> DemoConfig:
+        """Raise :class:`~fastrlhf.config.ConfigError` for a value that cannot work, before anything runs.
+        The stages run with batches of 32 (SFT, RM) and 4 PPO minibatches, hence the minimum sizes."""
+        c = OptionChecker(self, prefix, provided)
+        c.out_dir("out")
+        c.seed()
+        c.integer("hidden_size", 8)
+        if self.hidden_size % 8:  # 4 heads, each of an even size for the rotary embedding
+            c.fail("hidden_size", "a multiple of 8 (4 attention heads of an even size)")
+        c.integer("layers", 1)
+        c.integer("sft_examples", 32)
+        c.integer("sft_epochs", 1)
+        c.integer("rankings", 36)  # 32 after the 10% held out
+        c.integer("rm_epochs", 1)
+        c.integer("k", 2)
+        c.integer("ppo_steps", 1)
+        c.integer("rollout_batch_size", 4)
+        if self.rollout_batch_size % 4:
+            c.fail("rollout_batch_size", "a multiple of 4 (the demo's PPO minibatches)")
+        c.integer("eval_prompts", 1)
+        c.package("wandb", "wandb")
+        c.integer("rounds", 1)
+        c.choice("labeler", ("judge", "gold"))
+        c.number("judge_noise", 0)
+        c.number("judge_position_bias")
+        c.number("kl_coef", 0)
+        c.choice("estimator", ("gae", *CRITIC_FREE))
+        return self
+
+
+DEMO_GROUP_SIZE = 4
+"""Samples per prompt for the grouped estimators: the demo's rollout_batch_size is a multiple of 4."""
+
+
+def demo_ppo_config(cfg: DemoConfig, model_config: ModelConfig) -> PPOConfig:
+    """The PPO settings every round shares (each round adds its models, prompts and output directory)."""
+    return PPOConfig(
+        steps=cfg.ppo_steps,
+        rollout_batch_size=cfg.rollout_batch_size,
+        ppo_epochs=4,
+        num_minibatches=4,
+        micro_batch_size=cfg.rollout_batch_size // 4,
+        max_prompt_len=32,
+        max_new_tokens=12,
+        kl_coef=cfg.kl_coef,
+        advantage_estimator=cfg.estimator,
+        group_size=DEMO_GROUP_SIZE,  # divides rollout_batch_size (a multiple of 4)
+        policy_optim=OptimConfig(lr=1e-4, warmup_steps=5),
+        critic_optim=OptimConfig(lr=1e-3, warmup_steps=5),
+        model_config=model_config,
+        seed=cfg.seed,
+    )
 
 
 def _gold(task: DemoTask, prompts: list[str], completions: list[str]) -> float:
@@ -130,10 +202,7 @@ def _judged_rankings(
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run SFT, then ``rounds`` of RM -> PPO on the sorting task; returns and writes ``summary.json``."""
-    if cfg.rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {cfg.rounds}")
-    if cfg.labeler not in ("judge", "gold"):
-        raise ValueError(f"labeler must be 'judge' or 'gold', got {cfg.labeler!r}")
+    cfg.validate()
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
@@ -173,20 +242,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             model_config=tiny_model,
             seed=cfg.seed,
         )
-        ppo_base = PPOConfig(
-            steps=cfg.ppo_steps,
-            rollout_batch_size=cfg.rollout_batch_size,
-            ppo_epochs=4,
-            num_minibatches=4,
-            micro_batch_size=cfg.rollout_batch_size // 4,
-            max_prompt_len=32,
-            max_new_tokens=12,
-            kl_coef=cfg.kl_coef,
-            policy_optim=OptimConfig(lr=1e-4, warmup_steps=5),
-            critic_optim=OptimConfig(lr=1e-3, warmup_steps=5),
-            model_config=tiny_model,
-            seed=cfg.seed,
-        )
+        ppo_base = demo_ppo_config(cfg, tiny_model)
         eval_prompts = task.prompts(cfg.eval_prompts, seed=4)
         reward_sft = _gold(
             task, eval_prompts, sample_completions(sft_model, tokenizer, eval_prompts, ppo_base)
@@ -248,6 +304,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {
         **rounds[-1],  # rm_accuracy, reward_ppo and kl of the final round
         "reward_sft": reward_sft,
+        "estimator": cfg.estimator,
         "rounds": rounds,
         "seconds": time.perf_counter() - t0,
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastrlhf import distributed
 from fastrlhf.checkpoint import check_finite
 from fastrlhf.config import PPOConfig
 from fastrlhf.data import pad_left
@@ -24,9 +25,6 @@ from fastrlhf.kernels import (
     gae,
     group_advantages,
     kl_penalty,
-    masked_mean,
-    masked_var,
-    masked_whiten,
     ppo_advantages,
     shape_rewards,
 )
@@ -48,6 +46,13 @@ GROUPED = ("grpo", "dr_grpo", "rloo")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """A rule-based or verifiable reward: (prompts, completions) -> one score per completion."""
+
+
+def suppressed_ids(tok) -> tuple[int, ...]:
+    """Ids the rollout never samples: an added pad token's embedding row is untrained. Every log-prob of a
+    response (old, reference, updated) is taken over the same renormalized distribution (detail 4's rule
+    for the temperature, applied to the suppressed ids): ``models.response_logprobs(suppress_ids=...)``."""
+    return (tok.pad_token_id,)
 
 
 @dataclass
@@ -124,9 +129,11 @@ def rollout(
         top_p=cfg.top_p,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        suppress_ids=(tok.pad_token_id,),  # an added pad token's embedding row is untrained
+        suppress_ids=suppressed_ids(tok),
     )
-    generation = engine_for(policy, cfg.rollout).generate(policy, ids, mask, params)
+    with distributed.gathered(policy):  # under FSDP2: weights gathered once for the whole decode
+        engine = engine_for(policy, distributed.rollout_config(cfg.rollout))
+        generation = engine.generate(policy, ids, mask, params)
     response = generation.tokens
     is_eos = response == tok.eos_token_id
     has_eos = is_eos.any(-1)
@@ -163,6 +170,7 @@ def score(models: PPOModels, batch: Rollout, cfg: PPOConfig) -> torch.Tensor:
                 sequence_scores(rm, batch.input_ids[rows], batch.attention_mask[rows])
                 for rows in torch.arange(len(batch.prompts), device=device).split(cfg.micro_batch_size)
             ]
+        distributed.reshard(models.reward)  # a sharded frozen model frees its gathered root after use
         scores = torch.cat(chunks)
     else:
         scores = torch.tensor(
@@ -196,11 +204,13 @@ def policy_forward(
 ):
     """Log-probs [b, R] (and entropy) of the response tokens, and values [b, R] when the value head shares
     the policy's trunk (one trunk pass for both). Log-probs divide the logits by the sampling temperature
-    (detail 4). ``trunk_grad_scale`` scales the value gradient flowing from the head into the trunk."""
+    (detail 4) and leave out the ids the sampler suppresses. ``trunk_grad_scale`` scales the value gradient
+    flowing from the head into the trunk."""
     hidden = hidden_states(models.policy, ids, mask)
     out = response_logprobs(
-        models.policy, ids, mask, start, temperature=temperature, return_entropy=entropy, hidden=hidden
-    )
+        models.policy, ids, mask, start, temperature=temperature, return_entropy=entropy, hidden=hidden,
+        suppress_ids=suppressed_ids(models.tokenizer),
+    )  # fmt: skip
     values = None
     if models.value_head is not None:
         values = models.value_head(scale_gradient(hidden[:, start - 1 : -1], trunk_grad_scale))
@@ -223,6 +233,7 @@ def evaluate(models: PPOModels, batch: Rollout, order: torch.Tensor, cfg: PPOCon
     logp = torch.zeros(n, r, device=device)
     ref_logp, values, entropy = torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp)
     start, temp = batch.response_start, cfg.temperature
+    suppress = suppressed_ids(models.tokenizer)
     models.policy.eval()
     reference = models.reference
     with on_device(reference, device, cfg.offload_frozen and reference is not None):
@@ -233,13 +244,18 @@ def evaluate(models: PPOModels, batch: Rollout, order: torch.Tensor, cfg: PPOCon
             )
             if reference is None:
                 with adapters_disabled(models.policy):
-                    ref_logp[rows] = response_logprobs(models.policy, ids, mask, start, temperature=temp)
+                    ref_logp[rows] = response_logprobs(
+                        models.policy, ids, mask, start, temperature=temp, suppress_ids=suppress
+                    )
             else:
-                ref_logp[rows] = response_logprobs(reference, ids, mask, start, temperature=temp)
+                ref_logp[rows] = response_logprobs(
+                    reference, ids, mask, start, temperature=temp, suppress_ids=suppress
+                )
             if head_values is not None:
                 values[rows] = head_values
             elif models.critic is not None:
                 values[rows] = critic_values(models, ids, mask, start)
+    distributed.reshard(reference)
     batch.logp, batch.ref_logp, batch.values, batch.entropy = logp, ref_logp, values, entropy
 
 
@@ -253,23 +269,42 @@ def compute_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None
 
 
 def critic_free_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
-    """No critic (values are 0); per-token KL reward r_t = -beta * kl_t, plus the score at the last token:
+    """No critic (values and returns are 0, so no value loss); per-token KL reward r_t = -beta * kl_t, plus
+    the score at the last token:
 
-    reinforce++: A_t = sum_{k >= t} gamma^{k-t} r_k, whitened over the batch's response tokens;
+    reinforce++: A_t = sum_{k >= t} gamma^{k-t} r_k, whitened over the batch's response tokens (Hu 2025);
     grpo / dr_grpo / rloo: the sequence return G = score - beta * sum_t kl_t, turned into one advantage per
     sequence by ``fastrlhf.kernels.group_advantages`` over the group_size samples of its prompt (contiguous
     rows), and given to every token of the response.
+
+    Fixed points. With k1 (kl_t = log pi - log pi_ref of the sampled token) in the reward, each estimator is
+    REINFORCE on E[r] - beta * KL(pi || pi_ref) with a baseline, so pi* ~ pi_ref exp(r / beta) is its fixed
+    point. At pi* the sequence return r - beta * log(pi / pi_ref) equals beta * log Z for every response:
+    GRPO's, Dr. GRPO's and RLOO's advantages are then exactly 0. REINFORCE++'s return-to-go leaves out the
+    prefix's log-ratio, so at pi* its advantage at a state is an offset (beta times that prefix log-ratio,
+    minus the batch mean): zero-mean under the state's own sampling, hence unbiased, but PPO's clipped
+    surrogate, reused over several minibatches and epochs, counts the tokens a batch did not sample as
+    advantage 0 and moves mass onto them where the offset is negative. Run the critic-free estimators
+    on-policy, as their papers do (ppo_epochs=1, num_minibatches=1): tests/test_closed_form.py measures
+    gaps of 0.01-0.5% so (4 seeds each); with 4 x 4 updates per rollout REINFORCE++ missed pi* at 2 of 3
+    seeds (13%, 66%) and GRPO at 1 of 3 (8%).
+
+    A KL-as-loss variant is not offered. GRPO's original adds beta * k3(pi_theta, pi_ref) on the sampled
+    tokens to the loss, with advantages from the score alone. Its gradient per state is pi - pi_ref in the
+    logits, that of KL(pi_ref || pi), so its fixed point is pi(y) = beta * pi_ref(y) / (lambda - r(y)) on one
+    token (lambda normalizes), and on longer responses it also ignores the KL of later tokens: 11% below
+    the optimum on the closed-form two-token task at beta 0.2 (k2 as the loss: 11% too).
     """
     mask = batch.response_mask
     zeros = torch.zeros_like(batch.logp)
     if cfg.advantage_estimator == "reinforce++":
         out = ppo_advantages(
             batch.scores, batch.logp, batch.ref_logp, zeros, mask, kl_coef=kl.value,
-            estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=1.0, whiten=True,
+            estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=1.0, whiten=not distributed.active(),
         )  # fmt: skip
-        batch.advantages, batch.returns, batch.rewards, batch.kl = (
-            out.advantages, out.returns, out.rewards, out.kl
-        )  # fmt: skip
+        out = distributed.whiten_advantages(out, mask)  # under torchrun: over every rank's tokens
+        # out.returns is the return-to-go: a value target, and there is no critic to train on it.
+        batch.advantages, batch.returns, batch.rewards, batch.kl = out.advantages, zeros, out.rewards, out.kl
         return
     rewards = shape_rewards(
         batch.scores, batch.logp, batch.ref_logp, mask, kl_coef=kl.value, estimator=cfg.kl_estimator
@@ -294,9 +329,9 @@ def gae_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
         rewards = shape_rewards(
             batch.scores, batch.logp, batch.ref_logp, mask, kl_coef=kl.value, estimator=cfg.kl_estimator
         )
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = distributed.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, batch.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        batch.advantages = masked_whiten(advantages, mask)
+        batch.advantages = distributed.masked_whiten(advantages, mask)
         batch.returns, batch.rewards = returns, rewards
         batch.kl = kl_penalty(batch.logp, batch.ref_logp, estimator=cfg.kl_estimator) * mask
         return
@@ -310,8 +345,9 @@ def gae_advantages(batch: Rollout, kl: KLController, cfg: PPOConfig) -> None:
         estimator=cfg.kl_estimator,
         gamma=cfg.gamma,
         lam=cfg.lam,
-        whiten=True,
+        whiten=not distributed.active(),
     )
+    out = distributed.whiten_advantages(out, mask)  # under torchrun: over every rank's tokens
     batch.advantages, batch.returns, batch.rewards, batch.kl = (
         out.advantages,
         out.returns,
@@ -423,7 +459,8 @@ def update(
             break
         perm = order if epoch == 0 else torch.randperm(n, device=device)
         for mb_index, minibatch in enumerate(perm.chunk(cfg.num_minibatches)):
-            n_tokens = max(int(batch.response_mask[minibatch].sum()), 1)
+            # The minibatch's token count over all ranks: each rank's loss is its share of the global one.
+            n_tokens = max(int(distributed.sum(batch.response_mask[minibatch].sum())), 1)
             max_dev = torch.zeros((), device=device)
             minibatch_kl = torch.zeros((), device=device)
             for rows in minibatch.split(cfg.micro_batch_size):
@@ -448,21 +485,25 @@ def update(
                 stats["value_loss"] = v_loss.detach() * n_tokens
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0) + v
-            if cfg.target_kl is not None and float(minibatch_kl) / n_tokens > cfg.target_kl:
+            if cfg.target_kl is not None and float(distributed.sum(minibatch_kl)) / n_tokens > cfg.target_kl:
                 early_stopped = True
                 opt.zero_grad()
                 total_tokens += n_tokens  # its statistics stay in the logged means
                 break
             if opt.ptx_batches is not None and cfg.ptx_coef > 0:
                 ptx = ptx_loss(models, {k: v.to(device) for k, v in next(opt.ptx_batches).items()})
-                (cfg.ptx_coef * ptx).backward()
-                sums["ptx_loss"] = sums.get("ptx_loss", 0) + ptx.detach() * n_tokens
-            check_finite("ppo loss", sums["pg_loss"] + sums["value_loss"] + sums.get("ptx_loss", 0), step)
+                share = 1.0 / distributed.world().size  # the ranks' ptx batches average (gradients sum)
+                (cfg.ptx_coef * share * ptx).backward()
+                sums["ptx_loss"] = sums.get("ptx_loss", 0) + share * ptx.detach() * n_tokens
+            loss_sum = sums["pg_loss"] + sums["value_loss"] + sums.get("ptx_loss", 0)
+            check_finite("ppo loss", distributed.sum(loss_sum), step)  # every rank stops together
             opt.step(cfg, step)
             if epoch == 0 and mb_index == 0:
-                first_minibatch_dev = float(max_dev)
+                first_minibatch_dev = float(distributed.max(max_dev))
             total_tokens += n_tokens
             updates_done += 1
+    if distributed.active():
+        sums = distributed.metrics_sum(sums)
     out = {k: float(v) / total_tokens for k, v in sums.items()}
     out["ratio_var"] = out.pop("ratio_sq") - out["ratio"] ** 2
     out["ratio_first_minibatch_max_dev"] = first_minibatch_dev
@@ -477,19 +518,21 @@ def rollout_stats(batch: Rollout, kl: KLController) -> dict[str, float]:
     m = mask.float()
     seq_kl = (batch.kl * m).sum(-1)
     returns, values = batch.returns, batch.values
-    var_returns = float(masked_var(returns, mask)) if m.sum() > 1 else float("nan")
-    residual_var = float(masked_var(returns - values, mask)) if m.sum() > 1 else float("nan")
+    dist = distributed  # every statistic is over all ranks' rollouts (the local one in one process)
+    counted = dist.sum(m.sum())
+    var_returns = float(dist.masked_var(returns, mask)) if counted > 1 else float("nan")
+    residual_var = float(dist.masked_var(returns - values, mask)) if counted > 1 else float("nan")
     return {
-        "reward": float(batch.scores.mean()),
-        "reward_std": float(batch.scores.std()) if len(batch.scores) > 1 else 0.0,
-        "non_score_reward": float(-kl.value * seq_kl.mean()),
-        "kl": float(seq_kl.mean()),
+        "reward": float(dist.mean(batch.scores)),
+        "reward_std": float(dist.std(batch.scores)) if dist.count(len(batch.scores)) > 1 else 0.0,
+        "non_score_reward": float(-kl.value * dist.mean(seq_kl)),
+        "kl": float(dist.mean(seq_kl)),
         "kl_coef": kl.value,
-        "entropy": float(masked_mean(batch.entropy, mask)),
+        "entropy": float(dist.masked_mean(batch.entropy, mask)),
         "explained_variance": 1.0 - residual_var / var_returns if var_returns > 0 else float("nan"),
-        "value_mean": float(masked_mean(values, mask)),
-        "eos_rate": float(batch.has_eos.float().mean()),
-        "response_length": float(m.sum(-1).mean()),
+        "value_mean": float(dist.masked_mean(values, mask)),
+        "eos_rate": float(dist.mean(batch.has_eos.float())),
+        "response_length": float(dist.mean(m.sum(-1))),
     }
 
 
@@ -524,7 +567,7 @@ def ppo_step(
     phase("advantages", compute_advantages, batch, kl, cfg)
     stats = rollout_stats(batch, kl)
     stats |= phase("update", update, models, batch, order, opt, cfg, step)
-    kl.update(stats["kl"], len(prompts))
+    kl.update(stats["kl"], distributed.count(len(prompts)))  # the global mean KL and episode count
     stats |= timings | batch.generation_stats
     stats["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
     stats["memory_gib/step"] = max(v for k, v in timings.items() if k.startswith("memory_gib/"))

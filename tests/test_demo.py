@@ -37,3 +37,23 @@ def test_cli_reports_bad_options(capsys):
     assert "unknown option 'kl_coeff'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ppo", "--steps"])
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "reinforce++"])
+def test_demo_estimator_reaches_ppo(estimator, tmp_path):
+    """`--estimator` is PPO's advantage_estimator; the grouped ones get groups that divide the batch."""
+    from fastrlhf.config import ModelConfig
+    from fastrlhf.demo import DemoConfig, demo_ppo_config
+
+    cfg = DemoConfig(estimator=estimator, rollout_batch_size=32).validate()
+    ppo = demo_ppo_config(cfg, ModelConfig(dtype="float32"))
+    assert ppo.advantage_estimator == estimator
+    assert ppo.rollout_batch_size % ppo.group_size == 0
+    ppo.policy, ppo.reward_model, ppo.out = "org/sft", "org/rm", str(tmp_path / "ppo")  # as run_demo sets
+    ppo.validate(provided=("prompts",))
+
+
+def test_demo_rejects_an_unknown_estimator(capsys):
+    assert main(["demo", "--estimator", "ppo"]) == 2
+    err = capsys.readouterr().err
+    assert "estimator" in err and "grpo" in err

@@ -20,7 +20,7 @@ from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTCo
 from fastrlhf.data import Ranking, SFTExample, ranking_batch
 from fastrlhf.demo_task import DemoTask, build_tokenizer, tiny_llama_config
 from fastrlhf.ppo import KLController, ppo_loss
-from fastrlhf.ppo_trainer import build_models, build_trainables, train_ppo
+from fastrlhf.ppo_trainer import build_models, build_trainables, train_ppo, trainable_footprint
 from fastrlhf.rm import ranking_loss, train_rm
 from fastrlhf.sft import train_sft
 
@@ -106,6 +106,25 @@ def test_adaptive_kl_controller_follows_its_formula():
 # ----------------------------------------------------------------------------------------- PPO invariants
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce++"])
+def test_critic_free_estimators_load_no_critic(base_model, tmp_path, estimator):
+    """No critic model, value head or critic optimizer exists for a critic-free estimator, whatever ``critic``
+    says; the footprint PPO logs shows the saving against GAE with a critic from the reward model."""
+    cpu = torch.device("cpu")
+    with_critic = build_models(_ppo_cfg(base_model, tmp_path), None, cpu)
+    cfg = _ppo_cfg(base_model, tmp_path, advantage_estimator=estimator, critic="policy_head")
+    models = build_models(cfg, None, cpu)
+    assert models.critic is None and models.value_head is None
+    opt = build_trainables(models, cfg, cpu)
+    assert opt.critic_optimizer is None and opt.critic_params == []
+    free = trainable_footprint(models, opt)
+    full_opt = build_trainables(with_critic, _ppo_cfg(base_model, tmp_path), cpu)
+    full = trainable_footprint(with_critic, full_opt)
+    assert free["params/value_head"] == free["params/critic"] == 0
+    assert free["params/total"] == free["params/policy"] == full["params/policy"]
+    assert full["params/critic"] > 0.9 * full["params/policy"]  # the critic is a whole model
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_first_minibatch_ratio_is_exactly_one(base_model, task, reward, tmp_path, monkeypatch, backend):
     monkeypatch.setenv("FASTRLHF_KERNELS", backend)
@@ -169,12 +188,15 @@ def test_one_ppo_update_matches_a_step_by_step_reference(base_model, task, rewar
     policy, head = copy.deepcopy(models.policy).double(), copy.deepcopy(models.value_head).double()
     update(models, batch, order, opt, cfg, step=0)
 
-    # The reference: full logits, log_softmax, the PPO formulas written out, one SGD step.
+    # The reference: full logits, log_softmax over the ids the sampler can draw (the pad token is
+    # suppressed), the PPO formulas written out, one SGD step.
     ids, attn, start = batch.input_ids, batch.attention_mask, batch.response_start
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = policy(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
     logits = out.logits[:, start - 1 : -1] / cfg.temperature
+    logits[..., models.tokenizer.pad_token_id] = -torch.inf
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+    logp = logp.masked_fill(~batch.response_mask, 0.0)  # padding after EOS holds the (suppressed) pad id
     values = head(out.hidden_states[-1][:, start - 1 : -1])
     m = batch.response_mask.double()
     adv, ret, old_v = batch.advantages.double(), batch.returns.double(), batch.values.double()
