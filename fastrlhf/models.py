@@ -406,10 +406,7 @@ def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelCon
     """
     kind = cfg.optimizer
     if kind == "auto":
-        from fastrlhf import distributed
-
-        has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-        eight_bit = device.type == "cuda" and has_bnb and not distributed.active()  # see below
+        eight_bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
         kind = "paged_adamw8bit" if eight_bit else "adamw"
     kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay, "eps": optim.adam_eps}
     if kind == "adamw":
@@ -423,15 +420,11 @@ def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelCon
         return torch.optim.AdamW(params, **kwargs, foreach=device.type == "cuda")
     if kind in ("adamw8bit", "paged_adamw8bit"):
         from fastrlhf import distributed
-
-        if distributed.active():  # bitsandbytes rejects FSDP2's DTensor parameters
-            raise ValueError(
-                f"model_config.optimizer={kind} does not work with more than one process yet (bitsandbytes "
-                "rejects FSDP2's sharded parameters); set model_config.optimizer=adamw"
-            )
         from fastrlhf.optim import AdamW8bitSR, PagedAdamW8bitSR
 
         cls = PagedAdamW8bitSR if kind == "paged_adamw8bit" else AdamW8bitSR
+        if distributed.active():  # bitsandbytes takes plain tensors: run it on each rank's local shards
+            cls = distributed.local_shard_optimizer(cls)
         return cls(params, **kwargs)
     raise ValueError(
         f"model_config.optimizer must be auto, adamw, adamw8bit or paged_adamw8bit, got {kind!r}"

@@ -111,6 +111,76 @@ def run_sft(args: dict) -> None:
         torch.save({"grads": recorder.steps, "weights": weights}, Path(args["out"]) / "result.pt")
 
 
+# ------------------------------------------------------------------------------------ 8-bit AdamW
+
+
+class EightBitNet(torch.nn.Module):
+    """Parameters laid out for 2 ranks' shards. a (64 x 64) and b (128 x 64): each rank holds 32 or 64 rows
+    of 64, whole 256-element blocks (aligned). c (50 x 128, 25 rows of 128 per rank) and v (5000, 2500 per
+    rank): shards end inside a block (misaligned). All four have >= 4096 elements, so 8-bit states, although
+    a's shard has 2048; the biases (< 4096) keep 32-bit states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(64, 64), torch.nn.Linear(64, 128), torch.nn.Linear(128, 50)
+        self.v = torch.nn.Parameter(torch.randn(5000) * 0.1)
+
+    def forward(self, coefficients: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_p <p, coefficients[p]>``: a loss whose gradient is the coefficients."""
+        return sum((p * coefficients[k].to(p.dtype)).sum() for k, p in self.named_parameters())
+
+
+EIGHT_BIT_STEPS, EIGHT_BIT_SAVE, EIGHT_BIT_ROWS = 5, 3, 8
+
+
+def eight_bit_data(step: int, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Step ``step``'s 8 examples per parameter: small integers, so every sum of them and its division by
+    the 8 examples is exact in fp32 and bf16. The reduced gradient is then bit-equal at any world size, and
+    a difference in the weights can only come from the optimizer."""
+    g = torch.Generator().manual_seed(step)
+    return {k: torch.randint(-8, 9, (EIGHT_BIT_ROWS, *s), generator=g).float() for k, s in shapes.items()}
+
+
+def run_eight_bit(args: dict) -> None:
+    """adamw8bit (bitsandbytes, through ``models.make_optimizer``) for 5 steps of a loss linear in the
+    parameters, ``sum_p <p, mean of the examples>`` (each rank sums its rows over the global count); a
+    checkpoint after step 3. With ``resume`` it starts from the checkpoint under ``out``; ``dtype`` bfloat16
+    runs the weights in bf16 with stochastic rounding; ``lr`` defaults to 1e-2."""
+    from fastrlhf import checkpoint
+    from fastrlhf.models import make_optimizer
+
+    distributed.init()
+    torch.manual_seed(0)
+    net = EightBitNet().to(getattr(torch, args.get("dtype", "float32")))
+    shapes = {k: p.shape for k, p in net.named_parameters()}
+    net = distributed.shard(net)
+    opt = make_optimizer(
+        list(net.parameters()), OptimConfig(lr=args.get("lr", 1e-2), weight_decay=0.01),
+        ModelConfig(optimizer="adamw8bit"), torch.device("cpu"),
+    )  # fmt: skip
+    rank, size = distributed.world().rank, distributed.world().size
+    rows = slice(rank * EIGHT_BIT_ROWS // size, (rank + 1) * EIGHT_BIT_ROWS // size)
+    root = Path(args["out"]) / "checkpoints"
+    first = (
+        checkpoint.load_checkpoint(root, modules={"net": net}, optimizers={"opt": opt})
+        if args.get("resume")
+        else None
+    )
+    weights = {}
+    for step in range((first["step"] if first else 0) + 1, EIGHT_BIT_STEPS + 1):
+        data = eight_bit_data(step, shapes)
+        net({k: x[rows].sum(0) / EIGHT_BIT_ROWS for k, x in data.items()}).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == EIGHT_BIT_SAVE:
+            checkpoint.save_checkpoint(
+                root, step, modules={"net": net}, optimizers={"opt": opt}, state={"step": step}
+            )
+        weights[step] = full_weights(net)
+    if distributed.is_main():
+        torch.save(weights, Path(args["out"]) / "result.pt")
+
+
 # ------------------------------------------------------------------------------------------------ PPO
 
 
@@ -280,6 +350,7 @@ SCENARIOS = {
     "ppo_update": run_ppo_update,
     "ppo_train": run_ppo_train,
     "whiten": run_whiten,
+    "eight_bit": run_eight_bit,
     "copy_checkpoints": copy_checkpoints,
 }
 

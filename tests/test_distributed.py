@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_support import make_base, run_ppo_update, run_sft, run_whiten
+from distributed_support import (
+    EIGHT_BIT_SAVE,
+    EIGHT_BIT_STEPS,
+    EightBitNet,
+    make_base,
+    run_eight_bit,
+    run_ppo_update,
+    run_sft,
+    run_whiten,
+)
 from transformers import AutoModelForCausalLM
 
 from fastrlhf.checkpoint import latest_checkpoint
@@ -67,6 +76,9 @@ def _copy_checkpoints(src: Path, dst: Path) -> None:
 SFT = {"epochs": 2, "save_every": 2}
 LORA_SFT = {"model_config": {"lora_rank": 4}}
 
+# bf16 weights at lr 1e-4: most updates are below half a bf16 ulp, so only stochastic rounding moves them.
+EIGHT_BIT_SR = {"dtype": "bfloat16", "lr": 1e-4}
+
 # --------------------------------------------------------------------------------------- PPO, statistics
 
 PPO_CASES = {
@@ -93,16 +105,19 @@ PPO_CASES = {
 @pytest.fixture(scope="module")
 def runs(bases, tmp_path_factory) -> Path:
     """Everything on 2 ranks in ONE torchrun (its start-up dominates): global statistics, the PPO cases, SFT
-    (full, a resume of the one-process checkpoint, LoRA), and train_ppo (full, then restarted after step 1).
-    The one-process SFT runs first here, since the 1 -> 2 resume starts from its checkpoint."""
+    (full, a resume of the one-process checkpoint, LoRA), 8-bit AdamW (full, resumed, bf16) and train_ppo
+    (full, then restarted after step 1). The one-process SFT and 8-bit runs come first here, since the
+    1 -> 2 resumes start from their checkpoints."""
     root = tmp_path_factory.mktemp("runs")
     os.environ["FASTRLHF_KERNELS"] = "torch"
     try:
         run_sft({**SFT, "base": bases["tied"], "out": str(root / "sft_one")})
         run_sft({**LORA_SFT, "base": bases["untied"], "out": str(root / "lora_one")})
+        run_eight_bit({"out": str(root / "8bit_one")})
     finally:
         os.environ.pop("FASTRLHF_KERNELS")
     _copy_checkpoints(root / "sft_one", root / "resume_1_to_2")
+    _copy_checkpoints(root / "8bit_one", root / "8bit_1_to_2")
     scenarios = [{"scenario": "whiten", "out": str(root / "whiten2")}]
     for name, case in PPO_CASES.items():
         scenarios.append(
@@ -112,6 +127,11 @@ def runs(bases, tmp_path_factory) -> Path:
         {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "sft_two")},
         {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "resume_1_to_2")},
         {"scenario": "sft", **LORA_SFT, "base": bases["untied"], "out": str(root / "lora_two")},
+    ]
+    scenarios += [
+        {"scenario": "eight_bit", "out": str(root / "8bit_two")},
+        {"scenario": "eight_bit", "resume": True, "out": str(root / "8bit_1_to_2")},
+        {"scenario": "eight_bit", **EIGHT_BIT_SR, "out": str(root / "8bit_sr")},
     ]
     ppo = {"scenario": "ppo_train", "base": bases["tied"], "steps": 2, "save_every": 1}
     scenarios += [
@@ -197,6 +217,80 @@ def test_exported_model_loads_with_from_pretrained(runs, run):
     with torch.no_grad():
         a, b = got(ids).logits.log_softmax(-1), want(ids).logits.log_softmax(-1)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- 8-bit AdamW
+
+# EightBitNet's parameters in the optimizer's order; 2-rank shards of the first 8-bit group start on a
+# 256-element block boundary (the update is one process's, bit for bit), the second group's do not.
+ALIGNED, MISALIGNED = ("a.weight", "b.weight"), ("v", "c.weight")
+BIASES = ("a.bias", "b.bias", "c.bias")
+PARAMS = [k for k, _ in EightBitNet().named_parameters()]
+
+
+def assert_eight_bit_equal(got: dict, want: dict, lr: float = 1e-2) -> None:
+    """Aligned 8-bit and 32-bit states: bit-equal weights. Misaligned: other blocks of the same moments,
+    within 5% of the distance moved (each step moves ~lr)."""
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for k in ALIGNED + BIASES:
+            assert torch.equal(got[step][k], want[step][k]), f"{k} after step {step}"
+        for k in MISALIGNED:
+            diff = (got[step][k] - want[step][k]).abs().max().item()
+            assert diff <= 0.05 * lr * step, f"{k} after step {step}: {diff}"
+
+
+def test_eight_bit_adamw_on_local_shards_equals_one_process(runs):
+    want = torch.load(runs / "8bit_one" / "result.pt")
+    assert sorted(want) == list(range(1, EIGHT_BIT_STEPS + 1))
+    assert_eight_bit_equal(torch.load(runs / "8bit_two" / "result.pt"), want)
+    # The checkpoint holds one process's state: 8-bit codes with one absmax per 256-block of the full
+    # parameter, fp32 moments for the biases; aligned parameters' states are one process's, bit for bit.
+    step = f"step-{EIGHT_BIT_SAVE:06d}"
+    two, one = (
+        torch.load(runs / r / "checkpoints" / step / "optimizers.pt")["opt"] for r in ("8bit_two", "8bit_one")
+    )
+    for index, name in enumerate(PARAMS):
+        got, ref = (s["state"][index]["__bnb_optimizer_quant_state__"] for s in (two, one))
+        assert two["state"][index]["step"] == EIGHT_BIT_SAVE
+        assert sorted(got) == sorted(ref), name
+        if name in BIASES:
+            assert got["state1"].dtype == torch.float32
+        else:
+            assert got["state1"].dtype == torch.uint8 and got["state1"].shape == ref["state1"].shape
+            assert got["absmax1"].shape == ref["absmax1"].shape, name
+        if name not in MISALIGNED:
+            for key in got:
+                assert torch.equal(got[key], ref[key]), f"{name}: {key}"
+
+
+def test_eight_bit_adamw_resumes_at_either_world_size(runs, tmp_path):
+    """1 -> 2: the one-process checkpoint on 2 ranks ends where the uninterrupted 2-rank run ended; 2 -> 1
+    likewise against the uninterrupted one-process run."""
+    want_two = torch.load(runs / "8bit_two" / "result.pt")
+    got = torch.load(runs / "8bit_1_to_2" / "result.pt")
+    assert sorted(got) == [4, 5]
+    assert_eight_bit_equal(got, {s: want_two[s] for s in got})
+    _copy_checkpoints(runs / "8bit_two", tmp_path / "2_to_1")
+    run_eight_bit({"resume": True, "out": str(tmp_path / "2_to_1")})
+    want_one = torch.load(runs / "8bit_one" / "result.pt")
+    got = torch.load(tmp_path / "2_to_1" / "result.pt")
+    assert sorted(got) == [4, 5]
+    assert_eight_bit_equal(got, {s: want_one[s] for s in got})
+
+
+def test_stochastic_rounding_on_local_shards(runs, tmp_path):
+    """bf16 weights on 2 ranks move, on average, as fp32 weights in one process do; with round-to-nearest
+    most would not move at all (updates below half an ulp), a drift near -100%."""
+    run_eight_bit({"lr": EIGHT_BIT_SR["lr"], "out": str(tmp_path)})
+    fp32 = torch.load(tmp_path / "result.pt")[EIGHT_BIT_STEPS]
+    bf16 = torch.load(runs / "8bit_sr" / "result.pt")[EIGHT_BIT_STEPS]
+    torch.manual_seed(0)  # run_eight_bit's initial weights
+    init = {k: v.detach().double() for k, v in EightBitNet().state_dict().items()}
+    for k in ALIGNED + MISALIGNED:
+        moved = fp32[k] - init[k]
+        drift = ((bf16[k] - init[k].bfloat16().double()) - moved).sum() / moved.abs().sum()
+        assert abs(drift) < 0.1, f"{k}: {drift:.3f}"
 
 
 # ------------------------------------------------------------------------------------ PPO end to end

@@ -8,6 +8,8 @@ or returns what the one-process code computes, so the single-GPU path is unchang
 - ``init()`` joins the job (nccl on CUDA, gloo on CPU); ``world()`` says which rank this is;
 - ``shard(model)`` / ``shard_ppo_models`` shard the models with FSDP2 (``fastrlhf.distributed.fsdp``);
 - ``local_rows(batch)`` is this rank's share of a global batch;
+- ``local_shard_optimizer(cls)`` runs a bitsandbytes optimizer on each rank's shards
+  (``fastrlhf.distributed.optim``);
 - ``sum`` / ``max`` / ``count`` / ``mean`` / ``std`` / ``masked_mean`` / ``masked_var`` / ``masked_whiten`` /
   ``whiten_advantages`` give the global values (token counts, whitening, the KL controller's KL, metrics);
 - checkpoints and exported models are gathered and written once by rank 0
@@ -15,6 +17,7 @@ or returns what the one-process code computes, so the single-GPU path is unchang
 """
 
 from fastrlhf.distributed.fsdp import gathered, reshard, rollout_config, shard, shard_ppo_models
+from fastrlhf.distributed.optim import local_shard_optimizer
 from fastrlhf.distributed.runtime import (
     World,
     active,
@@ -48,6 +51,7 @@ __all__ = [
     "init",
     "is_main",
     "local_rows",
+    "local_shard_optimizer",
     "masked_mean",
     "masked_var",
     "masked_whiten",

@@ -7,9 +7,9 @@ on 1 (or 4) and the reverse; every rank reads the files on resume (a filesystem 
 cost: rank 0 holds the full model and optimizer state in CPU memory while saving, one tensor gathered at a
 time (a sharded DCP checkpoint would avoid that; see the README's "More than one GPU" section).
 
-The optimizer state keeps torch's ``state_dict()`` layout (parameter indices); every state tensor shaped like
-its parameter is gathered (save) or re-sharded like it (load). That covers torch's AdamW, the only optimizer
-allowed with more than one process for now.
+The optimizer state keeps the one-process ``state_dict()`` layout (parameter indices). For torch's AdamW every
+state tensor shaped like its parameter is gathered (save) or re-sharded like it (load); bitsandbytes' 8-bit
+AdamW on local shards re-quantizes its moments on the one-process blocks (``fastrlhf.distributed.optim``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrlhf.distributed.optim import LocalShards
 from fastrlhf.distributed.runtime import barrier, broadcast_object, is_main
 
 
@@ -92,6 +93,8 @@ def load_full_model_state(module: nn.Module, state: Mapping[str, torch.Tensor]) 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """``optimizer.state_dict()`` with every sharded state tensor gathered, on rank 0 (None elsewhere)."""
+    if isinstance(optimizer, LocalShards):  # bitsandbytes on local shards: quantized states, own layout
+        return optimizer.full_state_dict()
     sd = optimizer.state_dict()
     state = {}
     for index in sorted(sd["state"]):
@@ -103,6 +106,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | N
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """Load a one-process-layout optimizer state into an optimizer over sharded parameters."""
     from torch.distributed.tensor import distribute_tensor
+
+    if isinstance(optimizer, LocalShards):
+        optimizer.load_full_state_dict(saved)
+        return
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
