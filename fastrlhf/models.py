@@ -402,7 +402,8 @@ def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelCon
     """AdamW: bitsandbytes' paged 8-bit on CUDA by default, torch's otherwise.
 
     The 8-bit optimizers write bf16 weights back with stochastic rounding (``fastrlhf.optim``): with no fp32
-    master copy, round-to-nearest would drop every update smaller than ~1/256 of a weight.
+    master copy, round-to-nearest would drop every update smaller than ~1/256 of a weight. Under torchrun
+    they run on each process's FSDP2 shard (``fastrlhf.distributed.optim``).
     """
     kind = cfg.optimizer
     if kind == "auto":
