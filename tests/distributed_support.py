@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -329,12 +331,31 @@ def run_ppo_train(args: dict) -> None:
     reward = lambda prompts, completions: [
         task.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)
     ]
+    if "die_saving" in args:
+        die_while_saving(args["die_saving"])
     recorder = GradRecorder()
     models, _ = train_ppo(cfg, reward=reward, prompts=task.prompts(16, seed=0))
     recorder.close()
     weights = full_weights(models.policy)
     if distributed.is_main():
         torch.save({"grads": recorder.steps, "weights": weights}, Path(args["out"]) / "result.pt")
+
+
+def die_while_saving(step: int) -> None:
+    """Rank 0, the writer, dies by SIGKILL (no handler, no cleanup) right after writing the first file of
+    step ``step``'s checkpoint: a half-written checkpoint directory stays behind."""
+    from fastrlhf import checkpoint
+
+    if not distributed.is_main():
+        return
+    save_file = checkpoint.save_file
+
+    def dying(tensors, filename, *args, **kwargs):
+        save_file(tensors, filename, *args, **kwargs)
+        if f"step-{step:06d}.tmp-" in str(filename):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = dying
 
 
 def copy_checkpoints(args: dict) -> None:

@@ -38,13 +38,19 @@ GRAD_ATOL = 1e-6  # fp32, gradients ~1e-1: summation order only
 WEIGHT_ATOL = 2e-5  # after 1-4 AdamW steps at lr 1e-2
 
 
-def torchrun(scenarios: list[dict], timeout: float = 300) -> None:
+def torchrun(scenarios: list[dict], timeout: float = 300, *, check: bool = True) -> str:
+    """Run ``scenarios`` on 2 ranks; return what torchrun printed (stdout, then stderr)."""
     env = {**os.environ, "FASTRLHF_KERNELS": "torch", "OMP_NUM_THREADS": "1", "FASTRLHF_DIST_TIMEOUT": "120"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(SUPPORT), "list", json.dumps(scenarios)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    output = result.stdout + result.stderr
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    else:
+        assert result.returncode != 0, "torchrun succeeded; expected it to fail"
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +82,9 @@ def _copy_checkpoints(src: Path, dst: Path) -> None:
 SFT = {"epochs": 2, "save_every": 2}
 LORA_SFT = {"model_config": {"lora_rank": 4}}
 
+# 3 steps, checkpoints after steps 1 and 2 (the last step exports instead).
+PPO_TRAIN = {"scenario": "ppo_train", "steps": 3, "save_every": 1}
+
 # bf16 weights at lr 1e-4: most updates are below half a bf16 ulp, so only stochastic rounding moves them.
 EIGHT_BIT_SR = {"dtype": "bfloat16", "lr": 1e-4}
 
@@ -106,7 +115,7 @@ PPO_CASES = {
 def runs(bases, tmp_path_factory) -> Path:
     """Everything on 2 ranks in ONE torchrun (its start-up dominates): global statistics, the PPO cases, SFT
     (full, a resume of the one-process checkpoint, LoRA), 8-bit AdamW (full, resumed, bf16) and train_ppo
-    (full, then restarted after step 1). The one-process SFT and 8-bit runs come first here, since the
+    (full, then restarted after step 2). The one-process SFT and 8-bit runs come first here, since the
     1 -> 2 resumes start from their checkpoints."""
     root = tmp_path_factory.mktemp("runs")
     os.environ["FASTRLHF_KERNELS"] = "torch"
@@ -133,7 +142,7 @@ def runs(bases, tmp_path_factory) -> Path:
         {"scenario": "eight_bit", "resume": True, "out": str(root / "8bit_1_to_2")},
         {"scenario": "eight_bit", **EIGHT_BIT_SR, "out": str(root / "8bit_sr")},
     ]
-    ppo = {"scenario": "ppo_train", "base": bases["tied"], "steps": 2, "save_every": 1}
+    ppo = {**PPO_TRAIN, "base": bases["tied"]}
     scenarios += [
         {**ppo, "out": str(root / "ppo_full")},
         {"scenario": "copy_checkpoints", "src": str(root / "ppo_full"), "dst": str(root / "ppo_resumed")},
@@ -297,13 +306,36 @@ def test_stochastic_rounding_on_local_shards(runs, tmp_path):
 
 
 def test_train_ppo_on_two_ranks_resumes_exactly(runs):
-    """train_ppo under torchrun: sampling under FSDP2 (ranks stop at different lengths), a checkpoint after
-    step 1; a restart from it ends bit-equal to the uninterrupted run (seeds derive from the step)."""
+    """train_ppo under torchrun: sampling under FSDP2 (ranks stop at different lengths), checkpoints after
+    steps 1 and 2; a restart from the last ends bit-equal to the uninterrupted run (seeds derive from the
+    step)."""
     full, resumed = runs / "ppo_full", runs / "ppo_resumed"
     a, b = torch.load(full / "result.pt"), torch.load(resumed / "result.pt")
-    assert len(a["grads"]) == 4 and len(b["grads"]) == 2  # (2 minibatches) x (2 steps) vs step 2 only
+    assert len(a["grads"]) == 6 and len(b["grads"]) == 2  # (2 minibatches) x (3 steps) vs step 3 only
     assert_same_weights(b["weights"], a["weights"], atol=0)
     records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["kl"] >= 0 and r["response_length"] > 0 for r in records)
     AutoModelForCausalLM.from_pretrained(full / "policy")
+
+
+def test_a_killed_rank_stops_the_job_and_the_restart_resumes_exactly(runs, bases):
+    """Rank 0 dies (SIGKILL) halfway through writing step 2's checkpoint, the other rank waiting in a
+    collective: torchrun stops the job and names the rank and the signal; ``latest`` still names step 1, the
+    half-written directory is never read; the restart resumes after step 1, removes the leftover and ends
+    bit-equal to the uninterrupted run."""
+    out = runs / "ppo_killed"
+    ppo = {**PPO_TRAIN, "base": bases["tied"], "out": str(out)}
+    output = torchrun([{**ppo, "die_saving": 2}], check=False)
+    assert "SIGKILL" in output and "rank" in output, output[-4000:]
+    ckpt = out / "checkpoints"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names[:2] == ["latest", "step-000001"] and len(names) == 3, names
+    assert names[2].startswith("step-000002.tmp-")  # the half-written checkpoint
+    assert latest_checkpoint(ckpt).name == "step-000001"
+    assert not (ckpt / names[2] / "state.pt").exists() and not (out / "policy").exists()
+    torchrun([ppo])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000001", "step-000002"]
+    got, want = torch.load(out / "result.pt"), torch.load(runs / "ppo_full" / "result.pt")
+    assert len(got["grads"]) == 4  # steps 2 and 3 (2 minibatches each)
+    assert_same_weights(got["weights"], want["weights"], atol=0)
