@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import LlamaForCausalLM
 
 from fastrlhf import distributed
-from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, SFTConfig
+from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTConfig
 from fastrlhf.data import SFTExample
 from fastrlhf.demo_task import DemoTask, build_tokenizer, tiny_llama_config
 from fastrlhf.ppo import KLController, Rollout, compute_advantages, evaluate, rollout_stats, score, update
@@ -111,6 +111,28 @@ def run_sft(args: dict) -> None:
     weights = full_weights(model)
     if distributed.is_main():
         torch.save({"grads": recorder.steps, "weights": weights}, Path(args["out"]) / "result.pt")
+
+
+def run_rm(args: dict) -> None:
+    """The reward model on 20 rankings of 3 (4 held out): 2 steps of 8, micro-batches of 2."""
+    from fastrlhf.data import Ranking
+    from fastrlhf.models import unwrap
+    from fastrlhf.rm import train_rm
+
+    records = DemoTask(seed=0).ranking_records(20, k=3, seed=2)
+    rankings = [Ranking(r["prompt"], r["responses"], r["ranking"]) for r in records]
+    cfg = RMConfig(
+        model=args["base"], out=args["out"], batch_size=8, micro_batch_size=2, eval_fraction=0.2,
+        optim=optim(args), model_config=CPU,
+    )  # fmt: skip
+    recorder = GradRecorder()
+    model, _, _, accuracy = train_rm(cfg, rankings=rankings)
+    recorder.close()
+    weights = full_weights(model)
+    bias = unwrap(model).config.reward_bias
+    if distributed.is_main():
+        result = {"grads": recorder.steps, "weights": weights, "accuracy": accuracy, "bias": bias}
+        torch.save(result, Path(args["out"]) / "result.pt")
 
 
 # ------------------------------------------------------------------------------------ 8-bit AdamW
@@ -368,6 +390,7 @@ def copy_checkpoints(args: dict) -> None:
 
 SCENARIOS = {
     "sft": run_sft,
+    "rm": run_rm,
     "ppo_update": run_ppo_update,
     "ppo_train": run_ppo_train,
     "whiten": run_whiten,

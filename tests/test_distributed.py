@@ -25,10 +25,11 @@ from distributed_support import (
     make_base,
     run_eight_bit,
     run_ppo_update,
+    run_rm,
     run_sft,
     run_whiten,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastrlhf.checkpoint import latest_checkpoint
 
@@ -114,9 +115,9 @@ PPO_CASES = {
 @pytest.fixture(scope="module")
 def runs(bases, tmp_path_factory) -> Path:
     """Everything on 2 ranks in ONE torchrun (its start-up dominates): global statistics, the PPO cases, SFT
-    (full, a resume of the one-process checkpoint, LoRA), 8-bit AdamW (full, resumed, bf16) and train_ppo
-    (full, then restarted after step 2). The one-process SFT and 8-bit runs come first here, since the
-    1 -> 2 resumes start from their checkpoints."""
+    (full, a resume of the one-process checkpoint, LoRA), the reward model, 8-bit AdamW (full, resumed,
+    bf16) and train_ppo (full, then restarted after step 2). The one-process SFT and 8-bit runs come first
+    here, since the 1 -> 2 resumes start from their checkpoints."""
     root = tmp_path_factory.mktemp("runs")
     os.environ["FASTRLHF_KERNELS"] = "torch"
     try:
@@ -136,6 +137,7 @@ def runs(bases, tmp_path_factory) -> Path:
         {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "sft_two")},
         {"scenario": "sft", **SFT, "base": bases["tied"], "out": str(root / "resume_1_to_2")},
         {"scenario": "sft", **LORA_SFT, "base": bases["untied"], "out": str(root / "lora_two")},
+        {"scenario": "rm", "base": bases["tied"], "out": str(root / "rm_two")},
     ]
     scenarios += [
         {"scenario": "eight_bit", "out": str(root / "8bit_two")},
@@ -192,6 +194,24 @@ def test_sft_on_two_ranks_equals_one_process(runs):
     assert [x["step"] for x in lines] == [1, 2, 3, 4]  # rank 0 alone logs
     for a, b in zip(lines, ref, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_rm_on_two_ranks_equals_one_process(runs, bases, tmp_path, torch_backend):
+    """The ranking loss's pair normalization stays global; the held-out accuracy and the reward bias (the
+    demonstrations' mean score) are computed on every rank alike."""
+    run_rm({"base": bases["tied"], "out": str(tmp_path)})
+    want, got = torch.load(tmp_path / "result.pt"), torch.load(runs / "rm_two" / "result.pt")
+    assert_same_grads(got["grads"], want["grads"])
+    assert_same_weights(got["weights"], want["weights"])
+    assert got["accuracy"] == want["accuracy"]
+    assert got["bias"] == pytest.approx(want["bias"], abs=1e-5)
+    # The export, written once from the gathered state, scores as the one-process export does.
+    got, want = (
+        AutoModelForSequenceClassification.from_pretrained(d / "model") for d in (runs / "rm_two", tmp_path)
+    )
+    ids = torch.randint(3, got.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_is_written_once_and_resumes_at_either_world_size(runs, bases, tmp_path, torch_backend):
