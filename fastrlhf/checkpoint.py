@@ -188,6 +188,20 @@ def load_checkpoint(
     path = latest_checkpoint(root)
     if path is None:
         return None
+    opt_states, blob = read_checkpoint(path, modules, optimizers)
+    for name, module in modules.items():
+        load_model(module, str(path / f"{name}.safetensors"), strict=True)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(opt_states[name])  # moves each state tensor to its parameter's device
+    _set_rng_state(blob["rng"])
+    return blob["state"]
+
+
+def read_checkpoint(
+    path: Path, modules: Mapping[str, Any], optimizers: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The optimizer states and ``state.pt`` of checkpoint ``path``, once its module and optimizer names
+    are checked against those given (weights are read by the caller)."""
     saved = {p.name.removesuffix(".safetensors") for p in path.glob("*.safetensors")}
     if saved != set(modules):
         raise RuntimeError(f"{path} holds modules {sorted(saved)}, but {sorted(modules)} were given")
@@ -196,13 +210,7 @@ def load_checkpoint(
         raise RuntimeError(
             f"{path} holds optimizers {sorted(opt_states)}, but {sorted(optimizers)} were given"
         )
-    blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    for name, module in modules.items():
-        load_model(module, str(path / f"{name}.safetensors"), strict=True)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(opt_states[name])  # moves each state tensor to its parameter's device
-    _set_rng_state(blob["rng"])
-    return blob["state"]
+    return opt_states, torch.load(path / "state.pt", weights_only=True, map_location="cpu")
 
 
 def _sharded(modules) -> bool:

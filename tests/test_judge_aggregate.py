@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import optimize, stats
 
+from fastrlhf.correlation import spearman
 from fastrlhf.judge import aggregate, bradley_terry, combine_orders, copeland, tie_groups
-from fastrlhf.judge.bias import BiasReport, spearman
+from fastrlhf.judge.bias import BiasReport
 
 
 def random_first(k: int, seed: int) -> torch.Tensor:

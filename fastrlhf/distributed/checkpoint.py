@@ -175,15 +175,7 @@ def load_checkpoint(root, *, modules: Mapping[str, nn.Module], optimizers: Mappi
         raise RuntimeError(f"ranks see different checkpoints under {root}: is it on a shared filesystem?")
     if path is None:
         return None
-    saved = {p.name.removesuffix(".safetensors") for p in path.glob("*.safetensors")}
-    if saved != set(modules):
-        raise RuntimeError(f"{path} holds modules {sorted(saved)}, but {sorted(modules)} were given")
-    opt_states = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
-    if set(opt_states) != set(optimizers):
-        raise RuntimeError(
-            f"{path} holds optimizers {sorted(opt_states)}, but {sorted(optimizers)} were given"
-        )
-    blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    opt_states, blob = checkpoint.read_checkpoint(path, modules, optimizers)
     for name, module in modules.items():
         load_full_model_state(module, load_file(str(path / f"{name}.safetensors")))
     for name, opt in optimizers.items():

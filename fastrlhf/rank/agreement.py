@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from itertools import combinations
 from typing import Any
 
+from fastrlhf.correlation import spearman
+
 
 def tier_ranks(ranking: list[int], ties: list[list[int]] | None = None) -> dict[int, int]:
     """Response index -> rank (0 = best); tied responses share the best position of their group."""
@@ -71,27 +73,6 @@ def kendall_tau_b(a: dict[int, int], b: dict[int, int]) -> float | None:
     return None if denominator == 0 else (concordant - discordant) / denominator
 
 
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    def average_ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        out = [0.0] * len(v)
-        start = 0
-        while start < len(v):
-            end = start
-            while end + 1 < len(v) and v[order[end + 1]] == v[order[start]]:
-                end += 1
-            for pos in range(start, end + 1):
-                out[order[pos]] = (start + end) / 2
-            start = end + 1
-        return out
-
-    rx, ry = average_ranks(x), average_ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((p - mx) * (q - my) for p, q in zip(rx, ry, strict=True))
-    sxx, syy = sum((p - mx) ** 2 for p in rx), sum((q - my) ** 2 for q in ry)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
-
-
 def _mean(values: Iterable[float]) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
@@ -125,8 +106,8 @@ def agreement_report(records: Iterable[dict[str, Any]], n_items: int | None = No
             best = [i for i, rank in ranks.items() if rank == 0]
             best_shown_first.append(sum(1 for i in best if shown[0] == i) / len(best))
             chance_first.append(1 / k)
-        rho = _spearman([len(s) for s in r["responses"]], [ranks[i] for i in range(k)])
-        if rho is not None:
+        rho = spearman([len(s) for s in r["responses"]], [ranks[i] for i in range(k)])
+        if not math.isnan(rho):
             length_rank.append(-rho)  # positive: longer responses ranked better
     pair_rows: dict[tuple[str, str], dict[str, Any]] = {}
     for by_labeler in ranked_by_item.values():
