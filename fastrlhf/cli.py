@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -119,8 +120,25 @@ class _CommandParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (read before the job is joined), 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(text: str) -> None:
+    """A result line on stdout, from rank 0 alone under torchrun."""
+    if _rank() == 0:
+        print(text)
+
+
+def _error(e: BaseException) -> None:
+    print(f"error: {e}" if _rank() == 0 else f"error (rank {_rank()}): {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun the other ranks log warnings only: rank 0's log says what every rank does.
+    level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import transformers
 
     # Loading a causal LM as a scalar-head model reports its new head at length; our logs say what matters.
@@ -152,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cls, args.config, overrides)
         _validate(args, cfg)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
 
     try:
         return _run(args, cfg)
     # Bad input, a missing optional package (the ranking server, `datasets`) or a diverged run: say what.
     except (ValueError, OSError, ImportError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
 
 
@@ -179,20 +197,20 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "sft":
         from fastrlhf.sft import train_sft
 
-        print(f"model saved to {train_sft(cfg)[2]}")
+        _say(f"model saved to {train_sft(cfg)[2]}")
     elif args.command == "rm":
         from fastrlhf.rm import train_rm
 
         _, _, path, accuracy = train_rm(cfg)
-        print(f"reward model saved to {path}; held-out pairwise accuracy {accuracy:.3f}")
+        _say(f"reward model saved to {path}; held-out pairwise accuracy {accuracy:.3f}")
     elif args.command == "ppo":
         from fastrlhf.ppo_trainer import train_ppo
 
-        print(f"policy saved to {train_ppo(cfg)[1] / 'policy'}")
+        _say(f"policy saved to {train_ppo(cfg)[1] / 'policy'}")
     elif args.command == "pipeline":
         from fastrlhf.pipeline import run_pipeline
 
-        print(json.dumps(run_pipeline(cfg, more_rankings=args.more_rankings), indent=2))
+        _say(json.dumps(run_pipeline(cfg, more_rankings=args.more_rankings), indent=2))
     elif args.command == "rank":
         from fastrlhf.rank import run_rank
 
@@ -200,11 +218,11 @@ def _run(args: argparse.Namespace, cfg) -> int:
     elif args.command == "judge":
         from fastrlhf.judge import judge_file
 
-        print(f"rankings written to {judge_file(cfg)[0]}")
+        _say(f"rankings written to {judge_file(cfg)[0]}")
     elif args.command == "sample":
         from fastrlhf.pipeline import sample_for_labeling
 
-        print(f"wrote {sample_for_labeling(args.model, args.prompts, args.out, k=args.k, ppo=cfg)}")
+        _say(f"wrote {sample_for_labeling(args.model, args.prompts, args.out, k=args.k, ppo=cfg)}")
     else:
         from fastrlhf.demo import run_demo
 
@@ -216,7 +234,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
                 f"gold reward after PPO {r['reward_ppo']:.3f}, KL to the SFT model {r['kl']:.3f} nats"
             )
         lines.append(f"outputs in {cfg.out}/ (summary.json, metrics.jsonl, curves.png)")
-        print("\n".join(lines))
+        _say("\n".join(lines))
     return 0
 
 

@@ -3,7 +3,9 @@
 TRITON_INTERPRET must be set before triton is first imported, hence at the top of conftest.
 """
 
+import gc
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +14,34 @@ import pytest
 import torch
 
 from fastrlhf.kernels._backend import triton_interpreting
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is ~10x faster than two on a loaded 2-core machine (no spin-waiting). Frozen
+    objects: the gc.collect() calls of transformers' paged generation (two per call) do not rescan the test
+    process (nothing here leaks cycles)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.freeze()
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny random Llama (1 layer, hidden 32) with the demo tokenizer, saved once per test module."""
+    from transformers import LlamaForCausalLM
+
+    from fastrlhf.demo_task import build_tokenizer, tiny_llama_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base")
+    tok = build_tokenizer()
+    LlamaForCausalLM(tiny_llama_config(tok, hidden_size=32, layers=1, intermediate=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,19 @@ def test_cli_reports_bad_options(capsys):
         main(["ppo", "--steps"])
 
 
+def test_under_torchrun_rank_0_alone_prints_results(capsys, monkeypatch):
+    from fastrlhf import cli
+
+    monkeypatch.setenv("RANK", "1")
+    cli._say("policy saved to runs/ppo/policy")
+    assert main(["ppo", "--kl_coeff", "0.1"]) == 2  # every rank reports an error, naming itself
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error (rank 1): ") and "unknown option 'kl_coeff'" in err
+    monkeypatch.setenv("RANK", "0")
+    cli._say("policy saved to runs/ppo/policy")
+    assert capsys.readouterr().out == "policy saved to runs/ppo/policy\n"
+
+
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "reinforce++"])
 def test_demo_estimator_reaches_ppo(estimator, tmp_path):
     """`--estimator` is PPO's advantage_estimator; the grouped ones get groups that divide the batch."""

@@ -8,7 +8,6 @@ through the interpreter inside the decode loop. The paged backend's tests are in
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import pytest
@@ -39,17 +38,7 @@ from fastrlhf.rollout.hf import HFEngine
 from fastrlhf.rollout.paged import PagedEngine
 from fastrlhf.rollout.static import StaticEngine, batch_buckets, prompt_bucket_len, weights_fingerprint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a loaded 2-core machine (no spin-waiting).
-    Frozen objects: the paged backend's gc.collect() calls (two per call) do not rescan the process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.freeze()
-    yield
-    gc.unfreeze()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))

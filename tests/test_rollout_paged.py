@@ -5,8 +5,6 @@ seeded runs that repeat without disturbing the caller's random stream."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from rollout_support import (
@@ -27,17 +25,7 @@ from fastrlhf.rollout import SamplingParams
 from fastrlhf.rollout.hf import HFEngine
 from fastrlhf.rollout.paged import PagedEngine
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_a_quick_gc():
-    """One thread for tiny matmuls; transformers runs gc.collect() twice per generate_batch call, ~0.5 s
-    each over a test process's objects: frozen, they are not scanned (nothing here leaks cycles)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.freeze()
-    yield
-    gc.unfreeze()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))

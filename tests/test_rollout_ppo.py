@@ -4,43 +4,20 @@ too, each step logs the rollout's tokens/s, peak memory and KV cache."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RolloutConfig
-from fastrlhf.demo_task import DemoTask, build_tokenizer, tiny_llama_config
+from fastrlhf.demo_task import DemoTask
 from fastrlhf.ppo_trainer import sample_completions, train_ppo
 from fastrlhf.rollout import engine_for
 from fastrlhf.rollout.hf import HFEngine
 from fastrlhf.rollout.static import StaticEngine
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a loaded 2-core machine (no spin-waiting).
-    Frozen objects: the paged backend's gc.collect() calls (two per call) do not rescan the process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.freeze()
-    yield
-    gc.unfreeze()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    tok = build_tokenizer()
-    LlamaForCausalLM(tiny_llama_config(tok, hidden_size=32, layers=1, intermediate=64)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

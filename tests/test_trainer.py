@@ -18,23 +18,13 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from fastrlhf.checkpoint import NonFiniteLossError, latest_checkpoint
 from fastrlhf.config import ModelConfig, OptimConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from fastrlhf.data import Ranking, SFTExample, ranking_batch
-from fastrlhf.demo_task import DemoTask, build_tokenizer, tiny_llama_config
+from fastrlhf.demo_task import DemoTask
 from fastrlhf.ppo import KLController, ppo_loss
 from fastrlhf.ppo_trainer import build_models, build_trainables, train_ppo, trainable_footprint
 from fastrlhf.rm import ranking_loss, train_rm
 from fastrlhf.sft import train_sft
 
 CPU = ModelConfig(dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    tok = build_tokenizer()
-    LlamaForCausalLM(tiny_llama_config(tok, hidden_size=32, layers=1, intermediate=64)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
