@@ -153,7 +153,8 @@ def ppo_cell(preset_name: str, backend: str, plan: Plan, share: float, deadline:
     policy's trunk and a rule reward, so that only the policy (and its reference) are in memory. Step 0
     is the warm-up; a timed step that would end past ``deadline`` is not started, more than one only
     while it fits in ``share``."""
-    from fastrlhf.models import ValueHead, make_optimizer, trainable_parameters, warmup_schedule
+    from fastrlhf.models import ValueHead
+    from fastrlhf.optim import make_optimizer, trainable_parameters, warmup_schedule
     from fastrlhf.ppo import KLController, PPOModels, Trainables, ppo_step
 
     preset = PRESETS[preset_name]

@@ -9,7 +9,6 @@ own output layer [chunk, V] at a time (``architectures.model_head_logprobs``).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import logging
 import math
@@ -34,7 +33,7 @@ from fastrlhf.architectures import (
     scalar_model_class,
     trunk_of,
 )
-from fastrlhf.config import ModelConfig, OptimConfig
+from fastrlhf.config import ModelConfig
 from fastrlhf.data import ensure_pad_token
 from fastrlhf.kernels import linear_token_logprobs
 
@@ -396,58 +395,6 @@ def on_device(model: nn.Module, device: torch.device, enabled: bool) -> Iterator
         model.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelConfig, device: torch.device):
-    """AdamW: bitsandbytes' paged 8-bit on CUDA by default, torch's otherwise.
-
-    The 8-bit optimizers write bf16 weights back with stochastic rounding (``fastrlhf.optim``): with no fp32
-    master copy, round-to-nearest would drop every update smaller than ~1/256 of a weight. Under torchrun
-    they run on each process's FSDP2 shard (``fastrlhf.distributed.optim``).
-    """
-    kind = cfg.optimizer
-    if kind == "auto":
-        eight_bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
-        kind = "paged_adamw8bit" if eight_bit else "adamw"
-    kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay, "eps": optim.adam_eps}
-    if kind == "adamw":
-        low_precision = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
-        if low_precision:
-            log.warning(
-                "torch AdamW on %s weights rounds updates smaller than ~1/256 of a weight away; the 8-bit "
-                "optimizers (bitsandbytes) round stochastically, or use LoRA or float32 weights",
-                ", ".join(sorted(str(d) for d in low_precision)),
-            )
-        return torch.optim.AdamW(params, **kwargs, foreach=device.type == "cuda")
-    if kind in ("adamw8bit", "paged_adamw8bit"):
-        from fastrlhf import distributed
-        from fastrlhf.optim import AdamW8bitSR, PagedAdamW8bitSR
-
-        cls = PagedAdamW8bitSR if kind == "paged_adamw8bit" else AdamW8bitSR
-        if distributed.active():  # bitsandbytes takes plain tensors: run it on each rank's local shards
-            cls = distributed.local_shard_optimizer(cls)
-        return cls(params, **kwargs)
-    raise ValueError(
-        f"model_config.optimizer must be auto, adamw, adamw8bit or paged_adamw8bit, got {kind!r}"
-    )
-
-
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the configured lr, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    )
-
-
-def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    params = []
-    for module in modules:
-        for p in module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Stochastic rounding (SR) for pure-bf16 training with bitsandbytes' 8-bit optimizers.
+"""Optimizers: the AdamW a run uses (:func:`make_optimizer`), its warmup, and stochastic rounding (SR) for
+pure-bf16 training with bitsandbytes' 8-bit optimizers.
 
 fastrlhf keeps full-model weights in bf16 with no fp32 master copy. bitsandbytes computes the optimizer
 update in fp32 but stores the new weight with round-to-nearest, so an update smaller than half a bf16
@@ -19,15 +20,30 @@ largest single bf16 parameter (e.g. 2 GiB for a 128k x 2048 embedding), on top o
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from fastrlhf.config import ModelConfig, OptimConfig
 
 try:  # bitsandbytes is a Linux-only dependency; stochastic_round_ works without it.
     import bitsandbytes as bnb
 except ImportError:  # pragma: no cover
     bnb = None
 
-__all__ = ["AdamW8bitSR", "PagedAdamW8bitSR", "StochasticRounding", "stochastic_round_"]
+__all__ = [
+    "AdamW8bitSR",
+    "PagedAdamW8bitSR",
+    "StochasticRounding",
+    "make_optimizer",
+    "stochastic_round_",
+    "trainable_parameters",
+    "warmup_schedule",
+]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 24
 
@@ -129,3 +145,54 @@ if bnb is not None:
 
     class PagedAdamW8bitSR(StochasticRounding, bnb.optim.PagedAdamW8bit):
         """`bnb.optim.PagedAdamW8bit` with stochastic rounding of bf16 weights (extra kwarg: `generator`)."""
+
+
+def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, cfg: ModelConfig, device: torch.device):
+    """AdamW: bitsandbytes' paged 8-bit on CUDA by default, torch's otherwise.
+
+    The 8-bit optimizers write bf16 weights back with stochastic rounding (above): with no fp32 master
+    copy, round-to-nearest would drop every update smaller than ~1/256 of a weight. Under torchrun they run
+    on each process's FSDP2 shard (``fastrlhf.distributed.optim``).
+    """
+    kind = cfg.optimizer
+    if kind == "auto":
+        eight_bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+        kind = "paged_adamw8bit" if eight_bit else "adamw"
+    kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay, "eps": optim.adam_eps}
+    if kind == "adamw":
+        low_precision = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
+        if low_precision:
+            log.warning(
+                "torch AdamW on %s weights rounds updates smaller than ~1/256 of a weight away; the 8-bit "
+                "optimizers (bitsandbytes) round stochastically, or use LoRA or float32 weights",
+                ", ".join(sorted(str(d) for d in low_precision)),
+            )
+        return torch.optim.AdamW(params, **kwargs, foreach=device.type == "cuda")
+    if kind in ("adamw8bit", "paged_adamw8bit"):
+        from fastrlhf import distributed
+
+        cls = PagedAdamW8bitSR if kind == "paged_adamw8bit" else AdamW8bitSR
+        if distributed.active():  # bitsandbytes takes plain tensors: run it on each rank's local shards
+            cls = distributed.local_shard_optimizer(cls)
+        return cls(params, **kwargs)
+    raise ValueError(
+        f"model_config.optimizer must be auto, adamw, adamw8bit or paged_adamw8bit, got {kind!r}"
+    )
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the configured lr, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+
+
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params

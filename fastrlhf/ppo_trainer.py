@@ -21,11 +21,9 @@ from fastrlhf.models import (
     load_causal_lm,
     load_scalar_model,
     load_tokenizer,
-    make_optimizer,
-    trainable_parameters,
     unwrap,
-    warmup_schedule,
 )
+from fastrlhf.optim import make_optimizer, trainable_parameters, warmup_schedule
 from fastrlhf.ppo import (
     CRITIC_FREE,
     GROUPED,

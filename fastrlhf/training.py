@@ -27,7 +27,7 @@ from fastrlhf.checkpoint import (
 )
 from fastrlhf.config import ModelConfig, OptimConfig
 from fastrlhf.metrics import MetricsLogger, plot_metrics
-from fastrlhf.models import make_optimizer, trainable_parameters, warmup_schedule
+from fastrlhf.optim import make_optimizer, trainable_parameters, warmup_schedule
 
 log = logging.getLogger("fastrlhf")
 T = TypeVar("T")

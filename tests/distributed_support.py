@@ -166,12 +166,12 @@ def eight_bit_data(step: int, shapes: dict[str, torch.Size]) -> dict[str, torch.
 
 
 def run_eight_bit(args: dict) -> None:
-    """adamw8bit (bitsandbytes, through ``models.make_optimizer``) for 5 steps of a loss linear in the
+    """adamw8bit (bitsandbytes, through ``optim.make_optimizer``) for 5 steps of a loss linear in the
     parameters, ``sum_p <p, mean of the examples>`` (each rank sums its rows over the global count); a
     checkpoint after step 3. With ``resume`` it starts from the checkpoint under ``out``; ``dtype`` bfloat16
     runs the weights in bf16 with stochastic rounding; ``lr`` defaults to 1e-2."""
     from fastrlhf import checkpoint
-    from fastrlhf.models import make_optimizer
+    from fastrlhf.optim import make_optimizer
 
     distributed.init()
     torch.manual_seed(0)

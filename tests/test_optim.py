@@ -149,8 +149,7 @@ def test_paged_variant_and_non_bf16_params() -> None:
 
 def test_trainer_optimizers_round_bf16_weights_stochastically():
     from fastrlhf.config import ModelConfig, OptimConfig
-    from fastrlhf.models import make_optimizer
-    from fastrlhf.optim import AdamW8bitSR
+    from fastrlhf.optim import AdamW8bitSR, make_optimizer
 
     weight = torch.nn.Parameter(torch.full((8192,), 1.5, dtype=torch.bfloat16))
     opt = make_optimizer(
