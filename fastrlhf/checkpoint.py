@@ -7,8 +7,13 @@ Layout under ``root``::
         policy.safetensors    one file per module (safetensors, shared/tied weights stored once)
         optimizers.pt         {name: optimizer.state_dict()}
         state.pt              {"step", "state": <caller's state>, "rng": <RNG states>}
-    step-000140/
+    step-000140/          written by 2 processes under torchrun: each its own shards
+        policy.rank-00000-of-00002.safetensors, policy.rank-00001-of-00002.safetensors
+        optimizers.rank-00000-of-00002.pt, optimizers.rank-00001-of-00002.pt
+        state.pt
     latest                the name of the newest checkpoint, replaced atomically
+
+Either layout resumes at any number of processes (``fastrlhf.distributed.checkpoint``).
 
 A save writes into ``step-000140.tmp-XXXX/``, fsyncs every file, renames the directory to its final name
 and only then points ``latest`` at it, so a crash or an exception at any moment leaves ``latest`` naming a
@@ -103,18 +108,39 @@ def save_checkpoint(
     Refuses (:class:`NonFiniteLossError`) to save weights that hold NaN/inf, so a diverged model never
     becomes the checkpoint to resume from. Afterwards only the ``keep`` newest checkpoints up to ``step``
     remain (None keeps all); checkpoints of later steps, from a run resumed at an earlier one, are left alone.
-    A module or optimizer may also be given as its (already gathered) state dict. Under torchrun, sharded
-    modules are gathered and rank 0 alone writes (``fastrlhf.distributed.checkpoint``).
+    A module or optimizer may also be given as its state dict. Under torchrun every rank writes its shards
+    (``fastrlhf.distributed.checkpoint``).
     """
-    if _sharded(modules.values()):  # under torchrun: gathered, then written here by rank 0 only
+    if _sharded(modules.values()):  # under torchrun: every rank writes its shards
         from fastrlhf.distributed import checkpoint as distributed
 
         return distributed.save_checkpoint(
             root, step, modules=modules, optimizers=optimizers, state=state, keep=keep
         )
+    tmp, previous = begin_save(root, step, [*modules, *optimizers], keep)
+    try:
+        for name, module in modules.items():
+            _check_finite_weights(name, module, step, previous)
+            if isinstance(module, Mapping):  # a state dict
+                save_file(dict(module), str(tmp / f"{name}.safetensors"))
+            else:  # save_model stores a tensor shared by several names once; save_file rejects it.
+                save_model(module, str(tmp / f"{name}.safetensors"))
+        torch.save(
+            {name: opt if isinstance(opt, Mapping) else opt.state_dict() for name, opt in optimizers.items()},
+            tmp / "optimizers.pt",
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_save(root, tmp, step, state, keep)
+
+
+def begin_save(root: str | Path, step: int, names: list[str], keep: int | None) -> tuple[Path, Path | None]:
+    """Check the entry names, clear leftovers of interrupted saves and make the temporary directory that
+    the checkpoint of ``step`` is written into; returns it and the last complete checkpoint (or None)."""
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 (or None to keep all), got {keep}")
-    for name in [*modules, *optimizers]:
+    for name in names:
         if not _NAME.match(name):
             raise ValueError(f"checkpoint entry name {name!r} must be a plain file name ([A-Za-z0-9_.-])")
     root = Path(root)
@@ -123,27 +149,20 @@ def save_checkpoint(
         previous = latest_checkpoint(root)  # also recovers a copy an interrupted re-save moved aside
     except FileNotFoundError:
         previous = None  # `latest` names a deleted directory; this save repairs it
-    for name, module in modules.items():
-        _check_finite_weights(name, module, step, previous)
     for leftover in root.iterdir():
         if _LEFTOVER.match(leftover.name):
             shutil.rmtree(leftover, ignore_errors=True)
-
-    final = checkpoint_dir(root, step)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide checkpoints from other users.
-    tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = root / f"{checkpoint_dir(root, step).name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    aside = None
+    return tmp, previous
+
+
+def finish_save(root: str | Path, tmp: Path, step: int, state: dict[str, Any], keep: int | None) -> Path:
+    """Add ``state.pt`` to the files written into ``tmp``, fsync them, rename ``tmp`` to the checkpoint of
+    ``step``, point ``latest`` at it and prune; on any error ``tmp`` is removed and ``latest`` unchanged."""
+    root, final, aside = Path(root), checkpoint_dir(root, step), None
     try:
-        for name, module in modules.items():
-            if isinstance(module, Mapping):  # an already gathered state dict (a sharded run's rank 0)
-                save_file(dict(module), str(tmp / f"{name}.safetensors"))
-            else:  # save_model stores a tensor shared by several names once; save_file rejects it.
-                save_model(module, str(tmp / f"{name}.safetensors"))
-        torch.save(
-            {name: opt if isinstance(opt, Mapping) else opt.state_dict() for name, opt in optimizers.items()},
-            tmp / "optimizers.pt",
-        )
         torch.save({"step": step, "state": state, "rng": _rng_state()}, tmp / "state.pt")
         try:
             torch.load(tmp / "state.pt", weights_only=True)
@@ -189,10 +208,15 @@ def load_checkpoint(
     if path is None:
         return None
     opt_states, blob = read_checkpoint(path, modules, optimizers)
-    for name, module in modules.items():
-        load_model(module, str(path / f"{name}.safetensors"), strict=True)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(opt_states[name])  # moves each state tensor to its parameter's device
+    if shard_count(path):  # written by a run under torchrun: merged to one process's state
+        from fastrlhf.distributed import checkpoint as distributed
+
+        distributed.load_merged(path, modules, optimizers, opt_states)
+    else:
+        for name, module in modules.items():
+            load_model(module, str(path / f"{name}.safetensors"), strict=True)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(opt_states[name])  # moves each state tensor to its parameter's device
     _set_rng_state(blob["rng"])
     return blob["state"]
 
@@ -201,16 +225,38 @@ def read_checkpoint(
     path: Path, modules: Mapping[str, Any], optimizers: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The optimizer states and ``state.pt`` of checkpoint ``path``, once its module and optimizer names
-    are checked against those given (weights are read by the caller)."""
-    saved = {p.name.removesuffix(".safetensors") for p in path.glob("*.safetensors")}
+    are checked against those given (weights are read by the caller). A sharded checkpoint's optimizer
+    states are a list, one per rank."""
+    saved = {p.name.split(".")[0] for p in path.glob("*.safetensors")}
     if saved != set(modules):
         raise RuntimeError(f"{path} holds modules {sorted(saved)}, but {sorted(modules)} were given")
-    opt_states = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
+    shards = shard_count(path)
+    if shards:
+        per_rank = [
+            torch.load(
+                path / f"optimizers.{shard_suffix(r, shards)}.pt", weights_only=True, map_location="cpu"
+            )
+            for r in range(shards)
+        ]
+        opt_states = {name: [states[name] for states in per_rank] for name in per_rank[0]}
+    else:
+        opt_states = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
     if set(opt_states) != set(optimizers):
         raise RuntimeError(
             f"{path} holds optimizers {sorted(opt_states)}, but {sorted(optimizers)} were given"
         )
     return opt_states, torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+
+
+def shard_suffix(rank: int, world_size: int) -> str:
+    """The part of a sharded checkpoint's file names that says whose shard it is."""
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def shard_count(path: Path) -> int:
+    """How many processes wrote checkpoint ``path`` (0: one process, in full files)."""
+    names = [p.name for p in path.glob("optimizers.rank-*-of-*.pt")]
+    return int(names[0].split("-of-")[1].split(".")[0]) if names else 0
 
 
 def _sharded(modules) -> bool:

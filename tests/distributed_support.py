@@ -364,20 +364,20 @@ def run_ppo_train(args: dict) -> None:
 
 
 def die_while_saving(step: int) -> None:
-    """Rank 0, the writer, dies by SIGKILL (no handler, no cleanup) right after writing the first file of
-    step ``step``'s checkpoint: a half-written checkpoint directory stays behind."""
-    from fastrlhf import checkpoint
+    """Rank 0, which completes checkpoints, dies by SIGKILL (no handler, no cleanup) right after writing
+    its first file of step ``step``'s checkpoint: a half-written checkpoint directory stays behind."""
+    import safetensors.torch
 
     if not distributed.is_main():
         return
-    save_file = checkpoint.save_file
+    save_file = safetensors.torch.save_file
 
     def dying(tensors, filename, *args, **kwargs):
         save_file(tensors, filename, *args, **kwargs)
         if f"step-{step:06d}.tmp-" in str(filename):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.save_file = dying
+    safetensors.torch.save_file = dying
 
 
 def copy_checkpoints(args: dict) -> None:

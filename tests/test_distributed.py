@@ -32,6 +32,7 @@ from distributed_support import (
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastrlhf.checkpoint import latest_checkpoint
+from fastrlhf.distributed.checkpoint import merge_optimizer_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "distributed_support.py"
@@ -142,6 +143,8 @@ def runs(bases, tmp_path_factory) -> Path:
     scenarios += [
         {"scenario": "eight_bit", "out": str(root / "8bit_two")},
         {"scenario": "eight_bit", "resume": True, "out": str(root / "8bit_1_to_2")},
+        {"scenario": "copy_checkpoints", "src": str(root / "8bit_two"), "dst": str(root / "8bit_2_to_2")},
+        {"scenario": "eight_bit", "resume": True, "out": str(root / "8bit_2_to_2")},
         {"scenario": "eight_bit", **EIGHT_BIT_SR, "out": str(root / "8bit_sr")},
     ]
     ppo = {**PPO_TRAIN, "base": bases["tied"]}
@@ -219,7 +222,8 @@ def test_checkpoint_is_written_once_and_resumes_at_either_world_size(runs, bases
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000002"]  # no tmp/old leftovers
     assert latest_checkpoint(ckpt).name == "step-000002"
     assert sorted(p.name for p in (ckpt / "step-000002").iterdir()) == [
-        "model.safetensors", "optimizers.pt", "state.pt"
+        "model.rank-00000-of-00002.safetensors", "model.rank-00001-of-00002.safetensors",
+        "optimizers.rank-00000-of-00002.pt", "optimizers.rank-00001-of-00002.pt", "state.pt",
     ]  # fmt: skip
     want = torch.load(runs / "sft_one" / "result.pt")["weights"]
     # 1 -> 2: the one-process checkpoint resumed on two ranks ends where the uninterrupted run ended.
@@ -273,12 +277,13 @@ def test_eight_bit_adamw_on_local_shards_equals_one_process(runs):
     want = torch.load(runs / "8bit_one" / "result.pt")
     assert sorted(want) == list(range(1, EIGHT_BIT_STEPS + 1))
     assert_eight_bit_equal(torch.load(runs / "8bit_two" / "result.pt"), want)
-    # The checkpoint holds one process's state: 8-bit codes with one absmax per 256-block of the full
-    # parameter, fp32 moments for the biases; aligned parameters' states are one process's, bit for bit.
-    step = f"step-{EIGHT_BIT_SAVE:06d}"
-    two, one = (
-        torch.load(runs / r / "checkpoints" / step / "optimizers.pt")["opt"] for r in ("8bit_two", "8bit_one")
-    )
+    # Each rank saved its shards' states; merged, they are one process's: 8-bit codes with one absmax per
+    # 256-block of the full parameter, fp32 moments for the biases; aligned parameters' states are one
+    # process's, bit for bit.
+    path = runs / "8bit_two" / "checkpoints" / f"step-{EIGHT_BIT_SAVE:06d}"
+    ranks = [torch.load(path / f"optimizers.rank-{r:05d}-of-00002.pt")["opt"] for r in range(2)]
+    two = merge_optimizer_shards(ranks, list(EightBitNet().parameters()))
+    one = torch.load(path.parents[1].parent / "8bit_one" / "checkpoints" / path.name / "optimizers.pt")["opt"]
     for index, name in enumerate(PARAMS):
         got, ref = (s["state"][index]["__bnb_optimizer_quant_state__"] for s in (two, one))
         assert two["state"][index]["step"] == EIGHT_BIT_SAVE
@@ -294,9 +299,15 @@ def test_eight_bit_adamw_on_local_shards_equals_one_process(runs):
 
 
 def test_eight_bit_adamw_resumes_at_either_world_size(runs, tmp_path):
-    """1 -> 2: the one-process checkpoint on 2 ranks ends where the uninterrupted 2-rank run ended; 2 -> 1
+    """2 -> 2: each rank's own state back, misaligned blocks included: bit-equal to the uninterrupted run.
+    1 -> 2: the one-process checkpoint on 2 ranks ends where the uninterrupted 2-rank run ended; 2 -> 1
     likewise against the uninterrupted one-process run."""
     want_two = torch.load(runs / "8bit_two" / "result.pt")
+    got = torch.load(runs / "8bit_2_to_2" / "result.pt")
+    assert sorted(got) == [4, 5]
+    for step in got:
+        for k in PARAMS:
+            assert torch.equal(got[step][k], want_two[step][k]), f"{k} after step {step}"
     got = torch.load(runs / "8bit_1_to_2" / "result.pt")
     assert sorted(got) == [4, 5]
     assert_eight_bit_equal(got, {s: want_two[s] for s in got})

@@ -12,8 +12,9 @@ or returns what the one-process code computes, so the single-GPU path is unchang
   (``fastrlhf.distributed.optim``);
 - ``sum`` / ``max`` / ``count`` / ``mean`` / ``std`` / ``masked_mean`` / ``masked_var`` / ``masked_whiten`` /
   ``whiten_advantages`` give the global values (token counts, whitening, the KL controller's KL, metrics);
-- checkpoints and exported models are gathered and written once by rank 0
-  (``fastrlhf.distributed.checkpoint``, called by ``fastrlhf.checkpoint`` and ``training.save_model``).
+- checkpoints are written by every rank, its shards, and resume at any world size; exported models are
+  gathered and written once by rank 0 (``fastrlhf.distributed.checkpoint``, called by
+  ``fastrlhf.checkpoint`` and ``training.save_model``).
 """
 
 from fastrlhf.distributed.fsdp import gathered, reshard, rollout_config, shard, shard_ppo_models

@@ -92,6 +92,13 @@ def shard(model: nn.Module | None, *, trainable: bool = True, offload: bool = Fa
     return model
 
 
+def shard_rows(rows: int, world_size: int) -> list[int]:
+    """How many of a parameter's ``rows`` (dim 0) each rank holds: FSDP2 splits as ``torch.chunk`` does,
+    ceil(rows / world_size) each, the last ranks fewer or none."""
+    size = -(-rows // world_size)
+    return [max(0, min(size, rows - r * size)) for r in range(world_size)]
+
+
 def shard_ppo_models(models, cfg):
     """Shard the PPO models (policy, value head, critic, frozen reference and reward model); returns the
     models and the config to run with (``offload_frozen`` becomes FSDP's CPU offload of the frozen shards).

@@ -13,15 +13,15 @@ flattened tensor, one absmax each), so:
 - the 8-bit-or-32-bit choice (``min_8bit_size``, 4096 elements) is made on the full parameter, as one process
   makes it, not on the shard. Stochastic rounding draws from each rank's own generator.
 
-Checkpoints do not depend on the world size: :meth:`LocalShards.full_state_dict` returns a one-process
-``state_dict()`` (bnb's layout), which ``fastrlhf.checkpoint`` writes as usual, and
-:meth:`LocalShards.load_full_state_dict` loads one saved at any world size, one process included. Where the
-shards are aligned, the 8-bit codes and the per-block absmax move as they are (gathered, or sliced on
-load), so a resume continues bit for bit. Elsewhere the moments are dequantized, gathered (or sliced) and
-quantized again on the other blocks: one more rounding of the moments to 8 bits, of the size every step
-makes. (Re-quantizing is not exact even on the same blocks: the signed map has +1 but not -1, so a block
-whose largest first moment is negative comes back with a 0.7% smaller absmax.) Memory: one full moment at
-a time on each rank while saving or loading, as the weights' gather already needs.
+Checkpoints: each rank saves its own ``state_dict()`` (its shards, bnb's layout), and a resume at the same
+world size loads it back as it is. At another world size, :func:`merge_shard_states` makes one process's
+``state_dict()`` of the saved ranks' and :meth:`LocalShards.load_full_state_dict` slices that for this
+rank (one process loads it directly). Where the shards are aligned, on both sides, the 8-bit codes and the
+per-block absmax move as they are, so such a resume continues bit for bit. Elsewhere the moments are
+dequantized, concatenated (or sliced) and quantized again on the other blocks: one more rounding of the
+moments to 8 bits, of the size every step makes. (Re-quantizing is not exact even on the same blocks: the
+signed map has +1 but not -1, so a block whose largest first moment is negative comes back with a 0.7%
+smaller absmax.) Memory: one full moment at a time on each rank while loading at another world size.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastrlhf.distributed.runtime import is_main
-
 BLOCK = 256  # bitsandbytes' block size for the 8-bit optimizer states
 _STATE_KEYS = {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
+QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"  # bnb's state_dict() wraps each state under it
 
 
 class LocalShards:
@@ -86,53 +85,9 @@ class LocalShards:
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def full_state_dict(self) -> dict[str, Any] | None:
-        """A one-process ``state_dict()`` of this optimizer, on rank 0 (None elsewhere); a collective."""
-        key = self._FSDP_WRAPPED_QUANT_STATE_KEY
-        device = self.proxies[0].device
-        steps = torch.tensor(
-            [self.state[q]["step"] if self.state.get(q) else 0 for q in self.proxies],
-            dtype=torch.int64,
-            device=device,
-        )
-        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)  # empty shards have none
-        state = {}
-        for index, proxy in enumerate(self.proxies):
-            step = int(steps[index])
-            if step == 0:
-                continue
-            local = self.state.get(proxy) or {}
-            if set(local) - _STATE_KEYS - {"step"}:
-                raise NotImplementedError(f"sharded checkpoints of bnb state {sorted(local)}")
-            quant = self._gather_moments(index, local)
-            if is_main():
-                state[index] = {"step": step, key: {k: v.cpu() for k, v in quant.items()}}
-        groups = self.state_dict()["param_groups"]
-        return {"state": state, "param_groups": groups} if is_main() else None
-
-    def _gather_moments(self, index: int, local: dict) -> dict[str, Tensor]:
-        """Parameter ``index``'s moments in one process's layout (meaningful on rank 0); a collective."""
-        proxy, p = self.proxies[index], self.sharded[index]
-        if not self._eight_bit(index):
-            return {f"state{i}": _gather(self._moment(local, i, proxy, False), p) for i in (1, 2)}
-        quant = {}
-        offsets = _shard_offsets(proxy)
-        for i, name in ((1, "dynamic"), (2, "udynamic")):
-            qmap = self.name2qmap[name].to(proxy.device)
-            if _aligned(offsets):  # the one-process codes and absmax, moved as they are
-                codes = local.get(
-                    f"state{i}", torch.zeros(proxy.shape, dtype=torch.uint8, device=proxy.device)
-                )
-                absmax = local.get(f"absmax{i}", proxy.new_zeros(_blocks(proxy.numel()), dtype=torch.float32))
-                codes, absmax = _gather(codes, p), _gather_blocks(absmax)
-            else:  # other blocks than one process's: quantize the dequantized moment on those
-                codes, absmax = _quantize(_gather(self._moment(local, i, proxy, True), p), qmap)
-            quant |= {f"state{i}": codes, f"qmap{i}": qmap, f"absmax{i}": absmax}
-        return quant
-
     def load_full_state_dict(self, saved: dict[str, Any]) -> None:
         """Load a one-process ``state_dict()`` (every rank holds it) into this rank's shards; a collective."""
-        key = self._FSDP_WRAPPED_QUANT_STATE_KEY
+        key = QUANT_STATE_KEY
         state = {}
         for index, entry in saved["state"].items():
             index = int(index)
@@ -170,14 +125,6 @@ class LocalShards:
             local |= {f"state{i}": codes, f"qmap{i}": qmap, f"absmax{i}": absmax.contiguous()}
         return local
 
-    def _moment(self, local: dict, i: int, proxy: Tensor, eight: bool) -> Tensor:
-        """Moment ``i`` of this rank's shard in fp32, shaped like the shard (empty when it holds none)."""
-        if not local:
-            return torch.zeros(proxy.shape, dtype=torch.float32, device=proxy.device)
-        if eight:
-            return _dequantize(local[f"state{i}"], local[f"absmax{i}"], local[f"qmap{i}"]).view(proxy.shape)
-        return local[f"state{i}"].float()
-
 
 def _blocks(numel: int) -> int:
     return -(-numel // BLOCK)
@@ -196,13 +143,6 @@ def _aligned(offsets: list[int]) -> bool:
     return all(start % BLOCK == 0 for start, end in itertools.pairwise(offsets) if end > start)
 
 
-def _gather_blocks(absmax: Tensor) -> Tensor:
-    """Concatenate every rank's per-block absmax, in rank order; a collective."""
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, absmax.cpu())
-    return torch.cat(parts).to(absmax.device)
-
-
 def _slice(full: Tensor, like: Tensor) -> Tensor:
     """This rank's shard of ``full``, sharded like parameter ``like``."""
     from torch.distributed.tensor import distribute_tensor
@@ -213,16 +153,6 @@ def _slice(full: Tensor, like: Tensor) -> Tensor:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _gather(shard: Tensor, like: Tensor) -> Tensor:
-    """The full tensor from every rank's shard of a tensor sharded like parameter ``like``; a collective."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        shard.contiguous(), like.device_mesh, like.placements, run_check=False, shape=like.shape,
-        stride=like.stride(),
-    ).full_tensor()  # fmt: skip
 
 
 def _quantize(x: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,6 +172,57 @@ def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
     return F.dequantize_blockwise(
         codes, absmax=absmax.to(codes.device), code=qmap.to(codes.device), blocksize=BLOCK
     )
+
+
+def merge_shard_states(states: list[dict[str, Any]], shapes: list[torch.Size]) -> dict[str, Any]:
+    """One process's ``state_dict()`` from every rank's :class:`LocalShards` ``state_dict()`` (rank order),
+    for parameters of full ``shapes``; no collectives (it reads saved files). Where the ranks' shards were
+    aligned the 8-bit codes and absmax are concatenated as they are; elsewhere each rank's moments are
+    dequantized, concatenated and quantized again on one process's blocks."""
+    from fastrlhf.distributed.fsdp import shard_rows
+
+    key = QUANT_STATE_KEY
+    world = len(states)
+    merged = {}
+    for index, shape in enumerate(shapes):
+        entries = [s["state"].get(index) for s in states]
+        if all(e is None for e in entries):
+            continue
+        rows = shard_rows(shape[0] if len(shape) else 1, world)
+        row = math.prod(shape[1:])
+        sizes = [r * row for r in rows]
+        offsets = [sum(sizes[:r]) for r in range(world + 1)]
+        quants = [e[key] if e else None for e in entries]
+        present = next(q for q in quants if q is not None)
+        step = max(e["step"] for e in entries if e)
+
+        full = {}
+        for i in (1, 2):
+            if "absmax1" not in present:  # 32-bit moments
+                full[f"state{i}"] = torch.cat(_pieces(quants, sizes, f"state{i}", torch.zeros)).view(shape)
+                continue
+            qmap = present[f"qmap{i}"]
+            if _aligned(offsets):  # one process's blocks: codes and absmax as they are
+                codes = torch.cat(
+                    _pieces(quants, sizes, f"state{i}", lambda n: torch.zeros(n, dtype=torch.uint8))
+                )
+                absmax = torch.cat(_pieces(quants, sizes, f"absmax{i}", lambda n: torch.zeros(_blocks(n))))
+            else:
+                moments = [
+                    _dequantize(q[f"state{i}"], q[f"absmax{i}"], q[f"qmap{i}"]).reshape(-1)
+                    if q
+                    else torch.zeros(n)
+                    for q, n in zip(quants, sizes, strict=True)
+                ]
+                codes, absmax = _quantize(torch.cat(moments), qmap)
+            full |= {f"state{i}": codes.view(shape), f"qmap{i}": qmap, f"absmax{i}": absmax}
+        merged[index] = {"step": step, key: full}
+    return {"state": merged, "param_groups": states[0]["param_groups"]}
+
+
+def _pieces(quants: list, sizes: list[int], field: str, empty) -> list[Tensor]:
+    """Every rank's ``field``, flat, in rank order; ``empty(numel)`` for a rank that saved none."""
+    return [q[field].reshape(-1) if q else empty(n) for q, n in zip(quants, sizes, strict=True)]
 
 
 @functools.cache
