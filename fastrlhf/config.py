@@ -432,7 +432,6 @@ class PPOConfig:
         """Raise :class:`ConfigError` for a value that cannot work. ``provided``: inputs given another way
         (a reward function or in-memory prompts, or paths the pipeline fills in), so not required here."""
         from fastrlhf.kernels.kl_penalty import ESTIMATORS
-        from fastrlhf.ppo import CRITIC_FREE, GROUPED
 
         c = OptionChecker(self, prefix, provided)
         c.choice("advantage_estimator", ("gae", *CRITIC_FREE))
@@ -593,6 +592,10 @@ def _yaml_error(e: yaml.YAMLError) -> str:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit", "paged_adamw8bit")
 CRITICS = ("reward_model", "policy_head")
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce++")
+"""The advantage estimators that need no critic (``fastrlhf.ppo.critic_free_advantages``)."""
+GROUPED = ("grpo", "dr_grpo", "rloo")
+"""Those whose baseline is the other samples of the same prompt (``group_size`` per prompt)."""
 AGGREGATES = ("bradley_terry", "copeland")
 DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet", ".arrow")
 """A data option ending in one of these names a local file (never a datasets name)."""

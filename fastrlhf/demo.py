@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fastrlhf.config import (
+    CRITIC_FREE,
     JudgeConfig,
     ModelConfig,
     OptimConfig,
@@ -32,7 +33,7 @@ from fastrlhf.demo_task import DemoTask, NoisyGoldJudge, build_tokenizer, tiny_l
 from fastrlhf.judge import format_report, judge_records
 from fastrlhf.judge.run import write_rankings
 from fastrlhf.metrics import MetricsLogger
-from fastrlhf.ppo import CRITIC_FREE, evaluate, rollout
+from fastrlhf.ppo import evaluate, rollout
 from fastrlhf.ppo_trainer import sample_completions, train_ppo
 from fastrlhf.rm import train_rm
 from fastrlhf.sft import train_sft

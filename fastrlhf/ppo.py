@@ -19,7 +19,7 @@ from torch import nn
 
 from fastrlhf import distributed
 from fastrlhf.checkpoint import check_finite
-from fastrlhf.config import PPOConfig
+from fastrlhf.config import CRITIC_FREE, PPOConfig
 from fastrlhf.data import pad_left
 from fastrlhf.kernels import (
     gae,
@@ -40,9 +40,6 @@ from fastrlhf.models import (
 )
 from fastrlhf.rollout import SamplingParams, engine_for
 from fastrlhf.training import optimizer_step
-
-CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce++")
-GROUPED = ("grpo", "dr_grpo", "rloo")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """A rule-based or verifiable reward: (prompts, completions) -> one score per completion."""

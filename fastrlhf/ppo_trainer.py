@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from fastrlhf import distributed
 from fastrlhf.checkpoint import load_checkpoint, save_checkpoint
-from fastrlhf.config import PPOConfig
+from fastrlhf.config import CRITIC_FREE, GROUPED, PPOConfig
 from fastrlhf.data import Prompt, encode_prompt, filter_long_prompts, load_prompts, load_sft, sft_batch
 from fastrlhf.metrics import MetricsLogger
 from fastrlhf.models import (
@@ -25,8 +25,6 @@ from fastrlhf.models import (
 )
 from fastrlhf.optim import make_optimizer, trainable_parameters, warmup_schedule
 from fastrlhf.ppo import (
-    CRITIC_FREE,
-    GROUPED,
     KLController,
     PPOModels,
     RewardFn,
