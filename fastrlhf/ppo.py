@@ -565,10 +565,10 @@ def ppo_step(
     stats = rollout_stats(batch, kl)
     stats |= phase("update", update, models, batch, order, opt, cfg, step)
     kl.update(stats["kl"], distributed.count(len(prompts)))  # the global mean KL and episode count
-    stats |= timings | batch.generation_stats
-    stats["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
-    stats["memory_gib/step"] = max(v for k, v in timings.items() if k.startswith("memory_gib/"))
-    stats["tokens_per_second"] = float(batch.attention_mask.sum()) / stats["time/step"]
+    timings["time/step"] = sum(v for k, v in timings.items() if k.startswith("time/"))
+    timings["memory_gib/step"] = max(v for k, v in timings.items() if k.startswith("memory_gib/"))
+    stats |= distributed.job_costs(timings | batch.generation_stats)  # over all ranks, under torchrun
+    stats["tokens_per_second"] = distributed.count(int(batch.attention_mask.sum())) / stats["time/step"]
     if not math.isfinite(stats["reward"]):
         raise FloatingPointError(f"reward is {stats['reward']} at step {step}")
     return stats, batch

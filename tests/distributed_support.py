@@ -341,6 +341,17 @@ def run_whiten(args: dict) -> None:
         torch.save(result, Path(args["out"]) / "whiten.pt")
 
 
+def run_job_costs(args: dict) -> None:
+    """``distributed.job_costs`` of made-up per-rank time, memory and throughput."""
+    r = distributed.world().rank
+    got = distributed.job_costs(
+        {"time/update": 1.0 + r, "memory_gib/step": 5.0 - r, "rollout/tokens_per_second": 10.0 * (r + 1)}
+    )
+    if distributed.is_main():
+        Path(args["out"]).mkdir(parents=True, exist_ok=True)
+        torch.save(got, Path(args["out"]) / "job_costs.pt")
+
+
 def run_ppo_train(args: dict) -> None:
     """train_ppo end to end: generation under FSDP2, a reward function, checkpoints, the exported policy."""
     from fastrlhf.ppo_trainer import train_ppo
@@ -394,6 +405,7 @@ SCENARIOS = {
     "ppo_update": run_ppo_update,
     "ppo_train": run_ppo_train,
     "whiten": run_whiten,
+    "job_costs": run_job_costs,
     "eight_bit": run_eight_bit,
     "copy_checkpoints": copy_checkpoints,
 }

@@ -129,7 +129,10 @@ def runs(bases, tmp_path_factory) -> Path:
         os.environ.pop("FASTRLHF_KERNELS")
     _copy_checkpoints(root / "sft_one", root / "resume_1_to_2")
     _copy_checkpoints(root / "8bit_one", root / "8bit_1_to_2")
-    scenarios = [{"scenario": "whiten", "out": str(root / "whiten2")}]
+    scenarios = [
+        {"scenario": "whiten", "out": str(root / "whiten2")},
+        {"scenario": "job_costs", "out": str(root / "job_costs")},
+    ]
     for name, case in PPO_CASES.items():
         scenarios.append(
             {"scenario": "ppo_update", **case, "base": bases[case["base"]], "out": str(root / name)}
@@ -182,6 +185,12 @@ def test_global_statistics_equal_one_process(runs, tmp_path, torch_backend):
     got = torch.load(runs / "whiten2" / "whiten.pt")
     for key, value in want.items():
         torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(value), atol=1e-6, rtol=1e-6)
+
+
+def test_time_and_memory_are_the_slowest_and_fullest_rank(runs):
+    """Rank r reported time 1 + r, peak memory 5 - r and 10 (r + 1) tokens/s."""
+    got = torch.load(runs / "job_costs" / "job_costs.pt")
+    assert got == {"time/update": 2.0, "memory_gib/step": 5.0, "rollout/tokens_per_second": 30.0}
 
 
 # ------------------------------------------------------------------------- SFT, checkpoints, export

@@ -11,7 +11,8 @@ or returns what the one-process code computes, so the single-GPU path is unchang
 - ``local_shard_optimizer(cls)`` runs a bitsandbytes optimizer on each rank's shards
   (``fastrlhf.distributed.optim``);
 - ``sum`` / ``max`` / ``count`` / ``mean`` / ``std`` / ``masked_mean`` / ``masked_var`` / ``masked_whiten`` /
-  ``whiten_advantages`` give the global values (token counts, whitening, the KL controller's KL, metrics);
+  ``whiten_advantages`` give the global values (token counts, whitening, the KL controller's KL, metrics),
+  ``job_costs`` the job's time, memory and throughput;
 - checkpoints are written by every rank, its shards, and resume at any world size; exported models are
   gathered and written once by rank 0 (``fastrlhf.distributed.checkpoint``, called by
   ``fastrlhf.checkpoint`` and ``training.save_model``).
@@ -27,6 +28,7 @@ from fastrlhf.distributed.runtime import (
     count,
     init,
     is_main,
+    job_costs,
     local_rows,
     masked_mean,
     masked_var,
@@ -51,6 +53,7 @@ __all__ = [
     "gathered",
     "init",
     "is_main",
+    "job_costs",
     "local_rows",
     "local_shard_optimizer",
     "masked_mean",

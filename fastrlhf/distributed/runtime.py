@@ -251,6 +251,21 @@ def metrics_sum(values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tens
     return {k: total[i] for i, k in enumerate(keys)}
 
 
+def job_costs(values: dict[str, float]) -> dict[str, float]:
+    """Time, memory and throughput of the whole job from every rank's own: a ``*tokens_per_second`` is
+    summed (the ranks' rates: they work at once), anything else (``time/*``, ``memory_gib/*``) is the
+    maximum (the slowest rank sets the step's time, the fullest device its memory)."""
+    if not active() or not values:
+        return dict(values)
+    summed = sorted(k for k in values if k.endswith("tokens_per_second"))
+    maxed = sorted(k for k in values if k not in summed)
+    out = {k: float(v) for k, v in metrics_sum({k: values[k] for k in summed}).items()}
+    if maxed:
+        top = max(torch.tensor([float(values[k]) for k in maxed], dtype=torch.float64))  # over ranks
+        out |= {k: float(top[i]) for i, k in enumerate(maxed)}
+    return out
+
+
 __all__ = [
     "World",
     "active",
@@ -259,6 +274,7 @@ __all__ = [
     "count",
     "init",
     "is_main",
+    "job_costs",
     "local_rows",
     "masked_mean",
     "masked_var",
