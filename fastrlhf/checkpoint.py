@@ -222,23 +222,24 @@ def load_checkpoint(
 
 
 def read_checkpoint(
-    path: Path, modules: Mapping[str, Any], optimizers: Mapping[str, Any]
+    path: Path, modules: Mapping[str, Any], optimizers: Mapping[str, Any], ranks: list[int] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The optimizer states and ``state.pt`` of checkpoint ``path``, once its module and optimizer names
     are checked against those given (weights are read by the caller). A sharded checkpoint's optimizer
-    states are a list, one per rank."""
+    states are ``{rank: state}`` for the ``ranks`` asked for (all by default)."""
     saved = {p.name.split(".")[0] for p in path.glob("*.safetensors")}
     if saved != set(modules):
         raise RuntimeError(f"{path} holds modules {sorted(saved)}, but {sorted(modules)} were given")
     shards = shard_count(path)
     if shards:
-        per_rank = [
-            torch.load(
+        per_rank = {
+            r: torch.load(
                 path / f"optimizers.{shard_suffix(r, shards)}.pt", weights_only=True, map_location="cpu"
             )
-            for r in range(shards)
-        ]
-        opt_states = {name: [states[name] for states in per_rank] for name in per_rank[0]}
+            for r in (range(shards) if ranks is None else ranks)
+        }
+        names = next(iter(per_rank.values()))
+        opt_states = {name: {r: states[name] for r, states in per_rank.items()} for name in names}
     else:
         opt_states = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
     if set(opt_states) != set(optimizers):

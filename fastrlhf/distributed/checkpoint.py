@@ -127,8 +127,6 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def merge_model_shards(files: list[Path]) -> dict[str, torch.Tensor]:
     """One process's state dict from every rank's safetensors file (rank order): sharded tensors
     concatenated along dim 0 (FSDP2's split), the others taken from rank 0."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -175,23 +173,9 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[s
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def _raise_everywhere(error: BaseException | None) -> None:
-    """Rank 0's error (or None) on every rank: all ranks fail together, none waits for the others."""
-    from fastrlhf.checkpoint import NonFiniteLossError
-
-    info = broadcast_object(None if error is None else (type(error).__name__, str(error)))
-    if info is None:
-        return
-    if error is not None:
-        raise error
-    kind, message = info
-    cls = NonFiniteLossError if kind == "NonFiniteLossError" else RuntimeError
-    raise cls(f"rank 0 failed to save: {message}" if cls is RuntimeError else message)
-
-
-def _raise_from_any(error: BaseException | None, cleanup: Path) -> None:
+def _raise_from_any(error: BaseException | None, cleanup: Path | None = None) -> None:
     """Every rank's error (or None): if any rank failed, rank 0 removes ``cleanup`` and all ranks raise (a
-    rank its own error, the others one naming the first rank that failed)."""
+    rank its own error, the others one naming the first rank that failed), so none waits for the others."""
     from fastrlhf.checkpoint import NonFiniteLossError
 
     errors = [None] * world().size
@@ -199,7 +183,7 @@ def _raise_from_any(error: BaseException | None, cleanup: Path) -> None:
     failed = [(rank, info) for rank, info in enumerate(errors) if info is not None]
     if not failed:
         return
-    if is_main():
+    if is_main() and cleanup is not None:
         shutil.rmtree(cleanup, ignore_errors=True)
     if error is not None:
         raise error
@@ -231,8 +215,8 @@ def save_checkpoint(
             begun = checkpoint.begin_save(root, step, [*modules, *optimizers], keep)
         except Exception as e:  # reported to every rank below
             error = e
-    _raise_everywhere(error)
-    tmp, previous = broadcast_object(None if begun is None else (str(begun[0]), begun[1] and str(begun[1])))
+    _raise_from_any(error)
+    tmp, previous = broadcast_object(begun and (str(begun[0]), begun[1] and str(begun[1])))
     tmp, suffix, error = Path(tmp), checkpoint.shard_suffix(rank, size), None
     try:
         for name, module in modules.items():
@@ -253,7 +237,7 @@ def save_checkpoint(
             path = checkpoint.finish_save(root, tmp, step, state, keep)
         except Exception as e:
             error = e
-    _raise_everywhere(error)
+    _raise_from_any(error)
     return Path(broadcast_object(str(path)))
 
 
@@ -268,10 +252,11 @@ def load_checkpoint(root, *, modules: Mapping[str, nn.Module], optimizers: Mappi
         raise RuntimeError(f"ranks see different checkpoints under {root}: is it on a shared filesystem?")
     if path is None:
         return None
-    opt_states, blob = checkpoint.read_checkpoint(path, modules, optimizers)
     rank, size = world().rank, world().size
     shards = checkpoint.shard_count(path)
-    if shards == size:  # this rank's own files, loaded as they are
+    own = shards == size  # this rank's own files, loaded as they are; else all are merged
+    opt_states, blob = checkpoint.read_checkpoint(path, modules, optimizers, [rank] if own else None)
+    if own:
         suffix = checkpoint.shard_suffix(rank, size)
         for name, module in modules.items():
             load_full_model_state(module, load_file(str(path / f"{name}.{suffix}.safetensors")), local=True)
@@ -287,7 +272,8 @@ def load_checkpoint(root, *, modules: Mapping[str, nn.Module], optimizers: Mappi
         for name, opt in optimizers.items():
             saved = opt_states[name]
             if shards:
-                saved = merge_optimizer_shards(saved, [p for g in opt.param_groups for p in g["params"]])
+                params = [p for g in opt.param_groups for p in g["params"]]
+                saved = merge_optimizer_shards([saved[r] for r in range(shards)], params)
             load_full_optimizer_state(opt, saved)
     checkpoint._set_rng_state(blob["rng"])
     return blob["state"]
@@ -303,7 +289,7 @@ def load_merged(path: Path, modules: Mapping[str, nn.Module], optimizers: Mappin
         load_full_model_state(module, merge_model_shards(_shard_files(path, name, shards)))
     for name, opt in optimizers.items():
         params = [p for g in opt.param_groups for p in g["params"]]
-        opt.load_state_dict(merge_optimizer_shards(opt_states[name], params))
+        opt.load_state_dict(merge_optimizer_shards([opt_states[name][r] for r in range(shards)], params))
 
 
 def _shard_files(path: Path, name: str, shards: int) -> list[Path]:
@@ -382,7 +368,7 @@ def save_model(model: nn.Module, tokenizer, path) -> nn.Module:
             shutil.rmtree(old, ignore_errors=True)
         except Exception as e:
             error = e
-    _raise_everywhere(error)
+    _raise_from_any(error)
     barrier()
     return model
 

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 BLOCK = 256  # bitsandbytes' block size for the 8-bit optimizer states
-_STATE_KEYS = {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"  # bnb's state_dict() wraps each state under it
 
 
@@ -86,7 +85,7 @@ class LocalShards:
     # ---------------------------------------------------------------------------------------- checkpoints
 
     def load_full_state_dict(self, saved: dict[str, Any]) -> None:
-        """Load a one-process ``state_dict()`` (every rank holds it) into this rank's shards; a collective."""
+        """Load a one-process ``state_dict()`` (every rank holds it) into this rank's shards."""
         key = QUANT_STATE_KEY
         state = {}
         for index, entry in saved["state"].items():
@@ -111,7 +110,7 @@ class LocalShards:
         if not self._eight_bit(index):
             return {f"state{i}": _slice(quant[f"state{i}"].float(), p).contiguous() for i in (1, 2)}
         local = {}
-        offsets = _shard_offsets(proxy)
+        offsets = _shard_offsets(p.shape, torch.distributed.get_world_size())
         start = offsets[torch.distributed.get_rank()]
         for i, name in ((1, "dynamic"), (2, "udynamic")):
             qmap = self.name2qmap[name].to(proxy.device)
@@ -130,12 +129,14 @@ def _blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def _shard_offsets(shard: Tensor) -> list[int]:
-    """Where each rank's shard starts in the flattened parameter (FSDP2 shards dim 0 in rank order), and
-    the parameter's size last; a collective."""
-    sizes = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(sizes, shard.numel())
-    return [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+def _shard_offsets(shape: torch.Size, world_size: int) -> list[int]:
+    """Where each rank's shard starts in the flattened parameter of ``shape`` (FSDP2 splits dim 0 in rank
+    order), and the parameter's size last."""
+    from fastrlhf.distributed.fsdp import shard_rows
+
+    row = math.prod(shape[1:])
+    sizes = [r * row for r in shard_rows(shape[0] if len(shape) else 1, world_size)]
+    return [sum(sizes[:r]) for r in range(world_size + 1)]
 
 
 def _aligned(offsets: list[int]) -> bool:
@@ -179,19 +180,14 @@ def merge_shard_states(states: list[dict[str, Any]], shapes: list[torch.Size]) -
     for parameters of full ``shapes``; no collectives (it reads saved files). Where the ranks' shards were
     aligned the 8-bit codes and absmax are concatenated as they are; elsewhere each rank's moments are
     dequantized, concatenated and quantized again on one process's blocks."""
-    from fastrlhf.distributed.fsdp import shard_rows
-
     key = QUANT_STATE_KEY
-    world = len(states)
     merged = {}
     for index, shape in enumerate(shapes):
         entries = [s["state"].get(index) for s in states]
         if all(e is None for e in entries):
             continue
-        rows = shard_rows(shape[0] if len(shape) else 1, world)
-        row = math.prod(shape[1:])
-        sizes = [r * row for r in rows]
-        offsets = [sum(sizes[:r]) for r in range(world + 1)]
+        offsets = _shard_offsets(shape, len(states))
+        sizes = [end - start for start, end in itertools.pairwise(offsets)]
         quants = [e[key] if e else None for e in entries]
         present = next(q for q in quants if q is not None)
         step = max(e["step"] for e in entries if e)
