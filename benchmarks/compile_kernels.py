@@ -128,6 +128,7 @@ def op_calls(case) -> None:
         {}, {"bias": True, "return_entropy": True, "temperature": 0.7},
         {"softcap": 30.0, "return_entropy": True}, {"logit_scale": 0.25, "bias": True},
         {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.9},
+        {"grad_filter_eps": 2**-12}, {"grad_filter_eps": 2**-12, "return_entropy": True, "bias": True},
     ]  # fmt: skip
     for shift, d in enumerate(DTYPES[:2]):
         for i, options in enumerate(option_sets):
@@ -140,6 +141,8 @@ def op_calls(case) -> None:
         _linear(1000, 256, 50021, torch.float32, bias=True, return_entropy=True)
     with case("linear 1000x256 V=32003 fp32 tf32,softcap"):
         _linear(1000, 256, 32003, torch.float32, tf32=True, softcap=30.0)
+    with case("linear 1000x256 V=32003 fp32 grad_filter_eps"):
+        _linear(1000, 256, 32003, torch.float32, grad_filter_eps=2**-12)
     with case("linear 1x64 V=1 bf16"):
         _linear(1, 64, 1, torch.bfloat16)
 

@@ -164,22 +164,22 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
 
     (Peers and torch.compile are left out to keep this fast; ``--dry-run`` alone runs them too.)
     """
-    rc = cli.main(
-        ["--dry-run", "--no-compile", "--providers", "fastrlhf,eager,bare_gemm", "--out", str(tmp_path)]
-    )
+    providers = "fastrlhf,fastrlhf_filtered,eager,bare_gemm"
+    rc = cli.main(["--dry-run", "--no-compile", "--providers", providers, "--out", str(tmp_path)])
     assert rc == 0
     report = _report(tmp_path)
     rows = report["results"]
     assert {r["op"] for r in rows} == set(ALL_OPS)
     n_cases = sum(len(v) for v in full_cases().values())
     assert len({r["case"] for r in rows}) == n_cases
-    bad = [
-        (r["case"], r["provider"], r.get("error"))
-        for r in rows
-        if r["provider"] != "compile" and r["status"] != "ok"
-    ]
+    filtered = [r for r in rows if r["provider"] == "fastrlhf_filtered"]
+    assert {(r["mode"], r["status"]) for r in filtered} == {("fwd+bwd", "ok"), ("fwd", "unavailable")}
+    others = [r for r in rows if r["provider"] not in ("compile", "fastrlhf_filtered")]
+    bad = [(r["case"], r["provider"], r.get("error")) for r in others if r["status"] != "ok"]
     assert not bad
-    assert all(c["status"] == "ok" for c in report["correctness"] if c["provider"] == "fastrlhf")
+    checked = [c for c in report["correctness"] if c["provider"].startswith("fastrlhf")]
+    assert {c["provider"] for c in checked} == {"fastrlhf", "fastrlhf_filtered"}
+    assert all(c["status"] == "ok" for c in checked)
     assert set(report["targets"]) == set(targets.TARGETS_DOC)
 
 

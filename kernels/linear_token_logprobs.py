@@ -21,6 +21,9 @@ dL/dr = g_z * pre * post (* (1 - tanh^2) when capped), dhidden = (dL/dr) W, dwei
   the order of fp32 additions, so results differ between runs by a few fp32 ulps (~1e-7 relative) and
   almost never after rounding to bf16. With ``torch.use_deterministic_algorithms(True)`` the op takes the
   chunked PyTorch path instead, which is bit-reproducible.
+* Backward skips: a token block whose upstream gradients are all 0 (padding, masked positions) returns
+  before any GEMM, which is exact. ``grad_filter_eps`` optionally skips the two gradient products of a tile
+  whose probabilities are all negligible, which is not (see ``linear_token_logprobs``).
 * Extra memory, beyond inputs and outputs: O(N) statistics, an fp32 dhidden accumulator (N x H, only for
   bf16/fp16 hidden states), an fp32 [V] bias accumulator, and an fp32 dweight accumulator for one vocabulary
   slice at a time (at most ``_DW_SLICE_BYTES``; the backward is launched once per slice). No [N, V] or
@@ -64,6 +67,7 @@ class _Config:
     with_entropy: bool
     chunk: int
     triton: bool
+    grad_filter_eps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,12 @@ def _tiles(dtype: torch.dtype, backward: bool, capability: tuple[int, int]) -> _
     dL/dr and two product tiles, so it takes 128 x 64 everywhere. fp32 operands halve BLOCK_K to fit the same
     shared memory and take smaller tiles: without TF32 their products run on the FMA units, whose per-thread
     fragments spilled at the 16-bit tiles (forward 128 x 128 on sm_90, backward 128 x 64 everywhere). The
-    forward's 128 x 64 and the backward's 64 x 64 need 120-202 and 94-126 registers, TF32 or not. Tests
-    lower them to cross many tiles at small V."""
+    forward's 128 x 64 needs 120-202 registers, TF32 or not. The backward's 64 x 64 takes BLOCK_K 16: at 32,
+    ptxas held sm_90's IEEE variants to 128 registers and spilled 32-40 bytes; at 16 they need 74-116. Tests
+    lower the tiles to cross many of them at small V."""
     if dtype == torch.float32:
         if backward:
-            return _Tiles(64, 64, 32, num_warps=8, num_stages=2)
+            return _Tiles(64, 64, 16, num_warps=8, num_stages=2)
         return _Tiles(128, 64, 32, num_warps=8, num_stages=3)
     if backward:
         return _Tiles(128, 64, 64, num_warps=8, num_stages=2)
@@ -293,14 +298,19 @@ def _combine_kernel(
 @triton.jit
 def _bwd_kernel(
     h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, T, stride_b, stride_t, stride_w, stride_dh, stride_dw, v_start, v_end, pre, post,
+    N, V, H, T, stride_b, stride_t, stride_w, stride_dh, stride_dw, v_start, v_end, pre, post, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+    FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
     """dL/dr for one (token block, vocabulary tile), added into dhidden, dweight rows [v_start, v_end)
-    (dw_ptr points at row v_start) and dbias."""
+    (dw_ptr points at row v_start) and dbias.
+
+    Tiles that add nothing do no GEMM: a token block whose upstream gradients are all 0 (padding, masked
+    positions) returns before its logits are recomputed. This is exact. With FILTER, a tile in which every
+    probability is below ``filter_eps`` and no row's target falls also skips its two gradient products.
+    This is an approximation, see ``linear_token_logprobs``."""
     # GROUP_N token blocks sweep each vocabulary tile together, so a weight tile is reused from L2.
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BLOCK_N)
@@ -311,8 +321,19 @@ def _bwd_kernel(
     pid_n = first + (pid % width) % group_size
     pid_v = (pid % width) // group_size
     rows = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
-    cols = _index(v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V), IDX64)
     rows_ok = rows < N
+    tid = _target_ids(ids_ptr, rows, rows_ok, V)
+    # An out-of-range id makes logp a NaN constant: its gradient term is dropped.
+    g_lp = tl.where(tid >= 0, tl.load(glp_ptr + rows, mask=rows_ok, other=0.0), 0.0)
+    # "!= 0" counts NaN gradients too, so they still reach dhidden and dweight.
+    n_active = tl.sum((g_lp != 0.0).to(tl.int32))
+    if HAS_ENT_GRAD:
+        g_ent = tl.load(gent_ptr + rows, mask=rows_ok, other=0.0)
+        n_active += tl.sum((g_ent != 0.0).to(tl.int32))
+    if n_active == 0:
+        return
+    col0 = _index(v_start + pid_v * BLOCK_V, IDX64)
+    cols = col0 + tl.arange(0, BLOCK_V)
     cols_ok = cols < v_end
     h_off = _row_offsets(rows, T, stride_b, stride_t)
     z = _logits_tile(
@@ -320,13 +341,17 @@ def _bwd_kernel(
         HAS_BIAS, HAS_SOFTCAP, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
     )  # fmt: skip
     lse = tl.load(stats_ptr + rows, mask=rows_ok, other=0.0)
-    tid = _target_ids(ids_ptr, rows, rows_ok, V)
-    # An out-of-range id makes logp a NaN constant: its gradient term is dropped.
-    g_lp = tl.where(tid >= 0, tl.load(glp_ptr + rows, mask=rows_ok, other=0.0), 0.0)
     p = tl.exp(z - lse[:, None])
+    if FILTER:
+        # "not (p < eps)" keeps NaN probabilities; a row with a target here keeps its one-hot term.
+        tile_ok = rows_ok[:, None] & cols_ok[None, :]
+        n_kept = tl.sum(tl.sum((tile_ok & ~(p < filter_eps)).to(tl.int32), axis=1), axis=0)
+        targets_here = (tid >= col0) & (tid < col0 + BLOCK_V) & (g_lp != 0.0)
+        n_kept += tl.sum(targets_here.to(tl.int32))
+        if n_kept == 0:
+            return
     if HAS_ENT_GRAD:
         mu = tl.load(stats_ptr + N + rows, mask=rows_ok, other=0.0)
-        g_ent = tl.load(gent_ptr + rows, mask=rows_ok, other=0.0)
         coef = g_lp[:, None] + g_ent[:, None] * tl.where(z == float("-inf"), 0.0, z - mu[:, None])
     else:
         coef = g_lp[:, None]
@@ -416,9 +441,10 @@ def _triton_backward(h3, weight, bias, ids, stats, g_lp, g_ent, needs, cfg: _Con
             dummy if g_ent is None else g_ent, dummy if dh is None else dh,
             acc if need_w else dummy, dummy if db is None else db,
             N, V, H, T, h3.stride(0), h3.stride(1), weight.stride(0), H, H, v_start, v_end,
-            cfg.pre, cfg.post,
+            cfg.pre, cfg.post, cfg.grad_filter_eps or 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=cfg.softcap, HAS_ENT_GRAD=g_ent is not None,
             NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b, EVEN_K=H % tiles.block_k == 0,
+            FILTER=cfg.grad_filter_eps is not None,
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, GROUP_N=8,
             PRECISION=_dot_precision(weight.dtype), UPCAST=_upcast_dots(weight.dtype),
             IDX64=_needs_int64(h3, weight, n_cols=H), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -605,6 +631,7 @@ def linear_token_logprobs(
     logit_scale: float | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs(f(hidden @ weight.T + bias), ids)`` without ever holding the [N, V] logits.
 
@@ -622,6 +649,13 @@ def linear_token_logprobs(
         chunk_size: tokens per chunk on the PyTorch path (CPU). Default: the largest power of two whose fp32
             ``[chunk, V]`` logits take at most 256 MiB (see ``default_chunk_size``). The Triton path tiles
             by itself and ignores it.
+        grad_filter_eps: in (0, 1), or None (the default: the exact gradient). The Triton backward then
+            skips the two gradient products of each [token block, vocabulary tile] (128 x 64 on a GPU) in
+            which every probability is below it and no token's target falls, as Cut Cross-Entropy's filtering
+            does (``2**-12`` is its default, bf16's eps / 32). Each skipped term of d(loss)/d(logit) is at
+            most ``eps * (|g_logp| + |g_entropy| * |z - E_p[z]|)``, but the terms add up over the vocabulary:
+            a peaked distribution loses little, a flat one (an untrained model, a high temperature) can lose
+            most of its ``-E_p[w]`` term. The PyTorch path always computes the exact gradient.
 
     Returns:
         ``logp`` (float32, shape of ``ids``), or ``(logp, entropy)``. Differentiable w.r.t. ``hidden``,
@@ -652,6 +686,9 @@ def linear_token_logprobs(
     check_ids(ids, hidden.shape[:-1], "hidden")
     check_same_device(hidden=hidden, weight=weight, ids=ids, bias=bias)
     temperature = check_temperature(temperature)
+    eps = grad_filter_eps
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1):
+        raise ValueError(f"grad_filter_eps must be a number in (0, 1) or None, got {eps!r}")
     softcap = _check_positive("softcap", softcap)
     scale = _check_positive("logit_scale", logit_scale) or 1.0
     if chunk_size is None:
@@ -671,6 +708,7 @@ def linear_token_logprobs(
         with_entropy=bool(return_entropy),
         chunk=max(1, min(chunk_size, ids.numel())),
         triton=fused,
+        grad_filter_eps=None if grad_filter_eps is None else float(grad_filter_eps),
     )
     if ids.numel() == 0:
         cfg = _Config(pre, post, cfg.softcap, cfg.with_entropy, 1, False)

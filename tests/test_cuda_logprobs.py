@@ -3,6 +3,8 @@
 Run on a CUDA machine with ``TRITON_INTERPRET=0 pytest -m cuda tests``; skipped elsewhere.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from fastrlhf.kernels.linear_token_logprobs import linear_token_logprobs_referen
 from fastrlhf.kernels.token_logprobs import token_logprobs_reference
 
 pytestmark = pytest.mark.cuda
+lin = importlib.import_module("fastrlhf.kernels.linear_token_logprobs")
 
 # Relative-norm tolerances of gradients: the final rounding to the operand dtype, well under the error of a
 # GEMM that rounds logits to bf16/fp16 (see test_linear_token_logprobs.py). The linear op also rounds dL/dz
@@ -124,3 +127,38 @@ def test_linear_extra_memory_is_small():
     extra = torch.cuda.max_memory_allocated() - base - outputs
     accumulators = n * h * 4 + 32 * 1024**2  # fp32 dhidden + one fp32 dweight slice
     assert extra <= accumulators + 16 * 1024**2, f"{extra / 2**20:.0f} MiB extra"
+
+
+@pytest.mark.parametrize(("v", "h", "dtype"), [(151936, 896, torch.bfloat16), (50021, 256, torch.float32)])
+def test_linear_backward_skips_on_cuda(v, h, dtype):
+    """The GPU's tiles: token blocks with no upstream gradient are skipped exactly, and grad_filter_eps
+    skips exactly the tiles a float64 reference of the same rule drops."""
+    from test_linear_grad_skips import eps_between_tiles, kept_entries, reference_grads, tile_max_probability
+
+    tiles = lin._tiles(dtype, backward=True, capability=torch.cuda.get_device_capability())
+    hidden, weight, bias, ids = linear_inputs(6 * tiles.block_n + 37, v, h, dtype, True)
+    hidden, ids, n = hidden.contiguous(), ids.clamp(0, v - 1), ids.numel()
+    g_lp, g_ent = torch.randn(ids.shape, device="cuda"), torch.randn(ids.shape, device="cuda")
+    g_lp.view(-1)[: 2 * tiles.block_n] = 0  # blocks 0 and 1: no logp gradient, and block 0 no entropy one
+    g_ent.view(-1)[: tiles.block_n] = 0
+
+    def grads(**options):
+        params = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        out = linear_token_logprobs(params[0], params[1], ids, bias=params[2], return_entropy=True, **options)
+        torch.autograd.backward(list(out), [g_lp, g_ent])
+        return [p.grad for p in params]
+
+    def check(got, want):
+        for g, g64 in zip(got, want, strict=True):
+            assert rel_norm(g, g64) < LINEAR_GRAD_TOL[dtype]
+
+    exact = grads()
+    check(exact, reference_grads(hidden, weight, bias, ids, g_lp, g_ent, 1.0))
+    assert (exact[0].view(-1, h)[: tiles.block_n] == 0).all()
+
+    tile_max = tile_max_probability(hidden, weight, bias, ids, g_lp, 1.0, tiles.block_n, tiles.block_v)
+    tile_max[0] = 0.0  # block 0 is skipped before the filter looks at it
+    eps = eps_between_tiles(tile_max)
+    keep = kept_entries(tile_max >= eps, n, v, tiles.block_n, tiles.block_v)
+    filtered = grads(grad_filter_eps=eps)
+    check(filtered, reference_grads(hidden, weight, bias, ids, g_lp, g_ent, 1.0, keep))

@@ -109,7 +109,17 @@ def _newest_json(out: Path, pattern: str) -> dict[str, Any] | None:
     return None
 
 
-LINEAR_PEERS = ("fastrlhf", "bare_gemm", "cce", "cce_exact", "liger_flce", "trl", "full_logits", "eager")
+LINEAR_PEERS = (
+    "fastrlhf",
+    "fastrlhf_filtered",
+    "bare_gemm",
+    "cce",
+    "cce_exact",
+    "liger_flce",
+    "trl",
+    "full_logits",
+    "eager",
+)
 
 
 def _linear_table(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "token_logprobs": ("fastrlhf", "eager", "compile", "trl", "liger_selective", "liger_ce"),
     "linear_token_logprobs": (
         "fastrlhf",
+        "fastrlhf_filtered",
         "eager",
         "compile",
         "full_logits",
@@ -31,6 +32,9 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
 }
 PROVIDER_DOCS: dict[str, str] = {
     "fastrlhf": "fastrlhf.kernels public op (Triton on CUDA tensors; the backend used is recorded per row)",
+    "fastrlhf_filtered": "fastrlhf's linear_token_logprobs with grad_filter_eps=2**-12, Cut Cross-Entropy's "
+    "default threshold (its like-for-like peer is cce); fwd+bwd only. The inputs' logits have std ~2, so "
+    "few tiles fall under it",
     "eager": "the op's PyTorch reference (<op>_reference), run eagerly; for gae and ppo_advantages this is "
     "the Python loop over T vectorized over B, as TRL, verl and OpenRLHF compute GAE",
     "compile": "torch.compile of the reference (default options: dynamic=None, so shapes go dynamic after "
@@ -55,6 +59,7 @@ PROVIDER_DOCS: dict[str, str] = {
     "logits GEMM; fwd+bwd = logits GEMM + recompute GEMM + dhidden GEMM + dweight GEMM",
 }
 FORWARD_ONLY = "forward only (runs under torch.no_grad)"
+GRAD_FILTER_EPS = 2**-12  # Cut Cross-Entropy's filter_eps="high": bf16's eps / 32
 
 
 class Unavailable(Exception):
@@ -201,6 +206,12 @@ class Providers:
         if provider in ("fastrlhf", "eager", "compile"):
             fn = self._op(case.op, provider)
             options = {"temperature": temperature, "return_entropy": ent}
+            return Forward(lambda: fn(hidden, weight, ids, **options), **differentiable)
+        if provider == "fastrlhf_filtered":
+            if case.mode == "fwd":
+                raise Unavailable("the filter acts in the backward only")
+            fn = self._op(case.op, "fastrlhf")
+            options = {"temperature": temperature, "return_entropy": ent, "grad_filter_eps": GRAD_FILTER_EPS}
             return Forward(lambda: fn(hidden, weight, ids, **options), **differentiable)
         if provider == "full_logits":
             ref = self._reference("token_logprobs")
