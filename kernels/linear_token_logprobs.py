@@ -82,7 +82,7 @@ class _Tiles:
 def _tiles(dtype: torch.dtype, backward: bool, capability: tuple[int, int]) -> _Tiles:
     """Tile shapes, checked spill-free offline for sm_86-sm_90 (``benchmarks/compile_kernels.py``). The
     forward's 128 x 128 logits tile fits 8 warps without spills on sm_90 (wgmma keeps its accumulator lean:
-    171 registers, 251-255 with entropy) but spills on sm_8x, which take 128 x 64. The backward also holds
+    171-175 registers, 181-188 with entropy) but spills on sm_8x, which take 128 x 64. The backward also holds
     dL/dr and two product tiles, so it takes 128 x 64 everywhere. fp32 operands halve BLOCK_K to fit the same
     shared memory and take smaller tiles: without TF32 their products run on the FMA units, whose per-thread
     fragments spilled at the 16-bit tiles (forward 128 x 128 on sm_90, backward 128 x 64 everywhere). The
@@ -239,15 +239,17 @@ def _fwd_kernel(
         # While every logit so far is -inf there is nothing to shift by; 0 keeps the arithmetic NaN-free.
         m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
         alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref[:, None])
+        target += tl.sum(tl.where(cols[None, :] == ids[:, None], z, 0.0), axis=1)
+        # z - m replaces z: one live tile, not three (sm_90's entropy variants needed 251-255 registers, now
+        # 181-188). -inf becomes -FLT_MAX, so e = 0 and e * d = 0 rather than NaN; a NaN logit stays NaN.
+        d = tl.maximum(z - m_ref[:, None], -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp(d)
         if WITH_ENT:
             # Re-centre the running sum of e * (z - m) on the new max.
             shift = tl.where(m == neg_inf, 0.0, m - m_ref)
-            d = tl.where(z == neg_inf, 0.0, z - m_ref[:, None])
             u = alpha * (u + shift * s) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == ids[:, None], z, 0.0), axis=1)
     part = part_ptr + split.to(tl.int64) * N + rows
     stride_q = num_splits * N
     tl.store(part, m, mask=rows_ok)

@@ -162,3 +162,18 @@ def test_linear_backward_skips_on_cuda(v, h, dtype):
     keep = kept_entries(tile_max >= eps, n, v, tiles.block_n, tiles.block_v)
     filtered = grads(grad_filter_eps=eps)
     check(filtered, reference_grads(hidden, weight, bias, ids, g_lp, g_ent, 1.0, keep))
+
+
+def test_nan_reaches_the_outputs_on_cuda():
+    """Compiled max/maximum may drop NaN operands (the interpreter does not): a NaN logit must still make
+    its rows' logp and entropy NaN, in both log-prob ops."""
+    hidden, weight, _, ids = linear_inputs(301, 50257, 896, torch.bfloat16, False)
+    ids = ids.clamp(min=0)
+    weight[7, 3] = float("nan")
+    logp, ent = linear_token_logprobs(hidden, weight, ids, return_entropy=True)
+    assert logp.isnan().all() and ent.isnan().all()
+    logits = torch.randn(4, 32003, device="cuda")
+    logits[2, 17] = float("nan")
+    logp, ent = token_logprobs(logits, torch.zeros(4, dtype=torch.long, device="cuda"), return_entropy=True)
+    assert torch.equal(logp.isnan(), torch.tensor([False, False, True, False], device="cuda"))
+    assert torch.equal(ent.isnan(), logp.isnan())

@@ -325,6 +325,18 @@ def test_masked_vocabulary_and_large_logits(backend):
     assert all(g.isfinite().all() for g in out[2:])
 
 
+def test_nan_weight_poisons_every_row(backend):
+    """A NaN in one vocabulary row reaches every token's normalizer: all logp and entropies are NaN, as in
+    the reference, never a silently finite result."""
+    hidden, weight, _, ids = make_inputs()
+    weight[7, 3] = math.nan
+    ids.view(-1)[0] = 7
+    logp, ent = linear_token_logprobs(hidden, weight, ids, return_entropy=True, chunk_size=4)
+    ref_logp, ref_ent = ref_fn(hidden.double(), weight.double(), ids, return_entropy=True)
+    assert ref_logp.isnan().all() and ref_ent.isnan().all()
+    assert logp.isnan().all() and ent.isnan().all()
+
+
 def test_deterministic_mode_takes_the_reproducible_path(backend, monkeypatch):
     """torch.use_deterministic_algorithms(True): no atomics, so the PyTorch path, bit-identical repeats."""
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
